@@ -1,0 +1,38 @@
+"""deis_jax: the Diffusion Exponential Integrator Sampler (DEIS) in pure, jit-able JAX."""
+
+from deis_jax.config import (
+    BETA_SCHEDULES as BETA_SCHEDULES,
+    PREDICTION_TYPES as PREDICTION_TYPES,
+    SOLVER_TYPES as SOLVER_TYPES,
+    TIMESTEP_SPACINGS as TIMESTEP_SPACINGS,
+    DEISConfig as DEISConfig,
+)
+from deis_jax.sampling import sample as sample, sample_from_noise as sample_from_noise
+from deis_jax.solver import (
+    DEISState as DEISState,
+    add_noise as add_noise,
+    convert_model_output as convert_model_output,
+    scale_model_input as scale_model_input,
+    set_begin_index as set_begin_index,
+    set_timesteps as set_timesteps,
+    step as step,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "PREDICTION_TYPES",
+    "SOLVER_TYPES",
+    "TIMESTEP_SPACINGS",
+    "DEISConfig",
+    "DEISState",
+    "add_noise",
+    "convert_model_output",
+    "sample",
+    "sample_from_noise",
+    "scale_model_input",
+    "set_begin_index",
+    "set_timesteps",
+    "step",
+]

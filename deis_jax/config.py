@@ -1,0 +1,176 @@
+"""`DEISConfig`: the frozen, validated, hashable scheduler configuration.
+
+Its fields and defaults are those of diffusers' `DEISMultistepScheduler`
+(0.42), so a `scheduler_config.json` from the Hub round-trips through
+`DEISConfig.from_diffusers` / `DEISConfig.to_diffusers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+ALGORITHM_TYPES = ("deis",)
+SOLVER_TYPES = ("logrho",)
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+TIME_SHIFT_TYPES = ("exponential",)
+MAX_SOLVER_ORDER = {"logrho": 3}
+
+# Values diffusers accepts and silently rewrites (its `register_to_config` fallbacks).
+_ALGORITHM_ALIASES = {"dpmsolver": "deis", "dpmsolver++": "deis"}
+_SOLVER_ALIASES = {"midpoint": "logrho", "heun": "logrho", "bh1": "logrho", "bh2": "logrho"}
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"DEISConfig.{field}={value!r} is invalid: {allowed}.")
+
+
+def _check_choice(field: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        _fail(field, value, f"must be one of {choices}")
+
+
+def _check_bool(field: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(field, value, "must be a bool")
+    return bool(value)
+
+
+def _check_int(field: str, value: Any, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        _fail(field, value, f"must be an int >= {minimum}")
+    return int(value)
+
+
+def _check_float(field: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        _fail(field, value, f"must be a finite number in {interval}")
+    return value
+
+
+def _check_trained_betas(value: Any, num_train_timesteps: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        betas = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        _fail("trained_betas", value, "must be a 1-D sequence of numbers")
+    if betas.ndim != 1 or betas.size != num_train_timesteps:
+        _fail(
+            "trained_betas",
+            f"<array of shape {betas.shape}>",
+            f"must be 1-D with num_train_timesteps={num_train_timesteps} entries",
+        )
+    bad = ~np.isfinite(betas) | (betas < 0) | (betas > 1)
+    bad[:-1] |= betas[:-1] == 1
+    if bad.any():
+        i = int(np.argmax(bad))
+        _fail(
+            "trained_betas",
+            f"<entry {i} = {betas[i]}>",
+            "every beta must be finite and in [0, 1); only the last may equal 1 (zero terminal SNR)",
+        )
+    return tuple(float(b) for b in betas)
+
+
+@dataclasses.dataclass(frozen=True)
+class DEISConfig:
+    """Configuration of the DEIS multistep scheduler (diffusers' field names and defaults).
+
+    Frozen and hashable, so it can be a static argument of `jax.jit`.
+    `trained_betas` is stored as a tuple of floats.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    solver_order: int = 2
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    algorithm_type: str = "deis"
+    solver_type: str = "logrho"
+    lower_order_final: bool = True
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    use_flow_sigmas: bool = False
+    flow_shift: float = 1.0
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("num_train_timesteps", _check_int("num_train_timesteps", self.num_train_timesteps, 2))
+        set_("beta_start", _check_float("beta_start", self.beta_start, 0.0, 1.0, False, True))
+        set_("beta_end", _check_float("beta_end", self.beta_end, 0.0, 1.0, False, True))
+        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        set_("trained_betas", _check_trained_betas(self.trained_betas, self.num_train_timesteps))
+
+        _check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES + tuple(_ALGORITHM_ALIASES))
+        set_("algorithm_type", _ALGORITHM_ALIASES.get(self.algorithm_type, self.algorithm_type))
+        _check_choice("solver_type", self.solver_type, SOLVER_TYPES + tuple(_SOLVER_ALIASES))
+        set_("solver_type", _SOLVER_ALIASES.get(self.solver_type, self.solver_type))
+        max_order = MAX_SOLVER_ORDER[self.solver_type]
+        set_("solver_order", _check_int("solver_order", self.solver_order, 1))
+        if self.solver_order > max_order:
+            _fail("solver_order", self.solver_order, f"must be in 1..{max_order} for solver_type={self.solver_type!r}")
+
+        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        for name in ("thresholding", "lower_order_final", "use_karras_sigmas", "use_exponential_sigmas",
+                     "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
+            set_(name, _check_bool(name, getattr(self, name)))
+        set_("dynamic_thresholding_ratio", _check_float(
+            "dynamic_thresholding_ratio", self.dynamic_thresholding_ratio, 0.0, 1.0, True, False))
+        set_("sample_max_value", _check_float("sample_max_value", self.sample_max_value, 0.0, math.inf, True, True))
+        set_("flow_shift", _check_float("flow_shift", self.flow_shift, 0.0, math.inf, True, True))
+        _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        set_("steps_offset", _check_int("steps_offset", self.steps_offset, 0))
+        _check_choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
+
+        chosen = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
+                  if getattr(self, n)]
+        if len(chosen) > 1:
+            _fail(", ".join(chosen), True, "at most one sigma schedule may be enabled at once")
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> "DEISConfig":
+        """Build from a diffusers scheduler config: a dict or a path to `scheduler_config.json`.
+
+        Any `_class_name` is accepted; keys DEIS does not use are ignored and listed in a warning.
+        """
+        if isinstance(config, (str, os.PathLike)):
+            with open(config) as f:
+                config = json.load(f)
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config={config!r} is invalid: must be a dict or a path to a JSON file.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        ignored = sorted(k for k in config if k not in names and not k.startswith("_"))
+        if ignored:
+            warnings.warn(f"DEISConfig.from_diffusers ignores keys DEIS does not use: {ignored}", stacklevel=2)
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The fields as a dict that `DEISMultistepScheduler.from_config` accepts."""
+        out = dataclasses.asdict(self)
+        if self.trained_betas is not None:
+            out["trained_betas"] = list(self.trained_betas)
+        return out

@@ -1,0 +1,257 @@
+"""`DEISState` and the pure scheduler functions: `set_timesteps`, `convert_model_output`, `step`.
+
+A step is one fused update with precomputed weights (see `coefficients`):
+
+    eps_i     = convert_model_output(model_output)      # written into the history ring
+    x_{i+1}   = a_i x_i + sum_slots w_{i,slot} history[slot]
+
+The history is a fixed ring `model_outputs[solver_order, *shape]`; eps_i goes to slot
+i % solver_order, and `weights[i, slot]` already holds c_{i,j} for the lag j living there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deis_jax import coefficients, spacing
+from deis_jax.config import DEISConfig
+from deis_jax.schedule import alpha_sigma
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "weights", "step_index",
+                 "model_outputs"],
+    meta_fields=["config"],
+)
+@dataclasses.dataclass(frozen=True)
+class DEISState:
+    """Schedule and solver state, a pytree; `config` is static metadata.
+
+    timesteps:     [N] int32, the timestep passed to the model at each step (diffusers' values).
+    sigmas:        [N + 1], diffusers' `sigmas` (rho = sigma_t / alpha_t for VP schedules).
+    orders:        [N] int32, k_i: how many past outputs step i uses.
+    alpha_t, sigma_t: [N], the noise levels at each step's start.
+    a:             [N], alpha_{i+1} / alpha_i.
+    weights:       [N, solver_order], weight of each history slot at step i.
+    step_index:    int32 scalar, the next step to take.
+    model_outputs: [solver_order, *shape], ring buffer of converted outputs (eps).
+    """
+
+    config: DEISConfig
+    timesteps: jax.Array
+    sigmas: jax.Array
+    orders: jax.Array
+    alpha_t: jax.Array
+    sigma_t: jax.Array
+    a: jax.Array
+    weights: jax.Array
+    step_index: jax.Array
+    model_outputs: jax.Array
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    ok = isinstance(shape, (tuple, list)) and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape
+    )
+    if not ok:
+        raise ValueError(f"shape={shape!r} is invalid: must be a tuple of positive ints.")
+    return tuple(int(d) for d in shape)
+
+
+def _check_steps(config: DEISConfig, num_inference_steps: int) -> int:
+    sigma_grid = (config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas
+                  or config.use_flow_sigmas)
+    limit = config.num_train_timesteps if sigma_grid else spacing.max_inference_steps(config)
+    if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
+            or not 1 <= num_inference_steps <= limit):
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps!r} is invalid: must be an int in 1..{limit} "
+            f"for timestep_spacing={config.timestep_spacing!r} and num_train_timesteps={config.num_train_timesteps}."
+        )
+    return int(num_inference_steps)
+
+
+def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
+    if mu is None:
+        return None
+    if not config.use_dynamic_shifting:
+        raise ValueError(f"mu={mu!r} is invalid: it is only used with DEISConfig(use_dynamic_shifting=True).")
+    try:
+        value = float(mu)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"mu={mu!r} is invalid: must be a finite Python float (it shapes the static schedule).")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str):
+    """Schedule and weights for (config, N, mu, begin_index), computed once and cached."""
+    timesteps, sigmas = spacing.timesteps_and_sigmas(config, num_inference_steps, mu)
+    with jax.ensure_compile_time_eval():
+        t = coefficients.step_tables(config, sigmas, begin_index, jnp.dtype(dtype))
+        n, order = t["c"].shape
+        # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
+        lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
+        weights = jnp.take_along_axis(t["c"], jnp.asarray(lag), axis=1)
+        return dict(
+            timesteps=jnp.asarray(timesteps, jnp.int32),
+            sigmas=jnp.asarray(sigmas, jnp.dtype(dtype)),
+            orders=jnp.asarray(t["orders"], jnp.int32),
+            alpha_t=t["alpha_t"],
+            sigma_t=t["sigma_t"],
+            a=t["a"],
+            weights=weights,
+        )
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    """Solver arithmetic is at least float32 (bfloat16/float16 samples are updated in float32)."""
+    return jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32)
+
+
+def set_timesteps(
+    config: DEISConfig,
+    num_inference_steps: int,
+    shape: Sequence[int],
+    mu: float | None = None,
+    *,
+    dtype=jnp.float32,
+    begin_index: int = 0,
+) -> DEISState:
+    """A fresh state for `num_inference_steps` steps on samples of `shape` (and `dtype`).
+
+    `mu` is diffusers' dynamic-shifting parameter (flow shift = exp(mu)); `begin_index`
+    starts the solve part-way through the schedule (img2img), see `set_begin_index`.
+    """
+    if not isinstance(config, DEISConfig):
+        raise ValueError(f"config={config!r} is invalid: must be a DEISConfig.")
+    shape = check_shape(shape)
+    n = _check_steps(config, num_inference_steps)
+    mu = _check_mu(config, mu)
+    if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or not 0 <= begin_index < n:
+        raise ValueError(f"begin_index={begin_index!r} is invalid: must be an int in 0..{n - 1}.")
+    cdtype = _compute_dtype(dtype)
+    tables = _tables(config, n, mu, int(begin_index), cdtype.name)
+    return DEISState(
+        config=config,
+        step_index=jnp.asarray(begin_index, jnp.int32),
+        model_outputs=jnp.zeros((config.solver_order, *shape), cdtype),
+        **tables,
+    )
+
+
+def set_begin_index(state: DEISState, begin_index: int, mu: float | None = None) -> DEISState:
+    """The same schedule started at step `begin_index`: warm-up restarts there, history is cleared."""
+    return set_timesteps(
+        state.config, state.num_inference_steps, state.model_outputs.shape[1:], mu,
+        dtype=state.model_outputs.dtype, begin_index=begin_index,
+    )
+
+
+def _threshold(config: DEISConfig, x0: jax.Array) -> jax.Array:
+    """Imagen's dynamic thresholding: s = clip(quantile(|x0|, ratio), 1, max); x0 <- clip(x0, -s, s) / s."""
+    flat = x0.reshape(x0.shape[0], -1)
+    s = jnp.quantile(jnp.abs(flat), config.dynamic_thresholding_ratio, axis=1, keepdims=True)
+    s = jnp.clip(s, 1.0, config.sample_max_value)
+    return (jnp.clip(flat, -s, s) / s).reshape(x0.shape)
+
+
+def _check_output(state: DEISState, model_output: jax.Array, sample: jax.Array) -> None:
+    shape = state.model_outputs.shape[1:]
+    if model_output.shape != shape or sample.shape != shape:
+        raise ValueError(
+            f"model_output.shape={model_output.shape} and sample.shape={sample.shape} must both equal "
+            f"the shape given to set_timesteps, {shape}."
+        )
+
+
+def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.Array) -> jax.Array:
+    """The model output as noise eps at the current step (the quantity DEIS extrapolates).
+
+    x0 = (x - sigma_t m) / alpha_t (epsilon), m (sample), alpha_t x - sigma_t m (v_prediction),
+    x - s m (flow_prediction); optional dynamic thresholding of x0; eps = (x - alpha_t x0) / sigma_t.
+    """
+    _check_output(state, model_output, sample)
+    config = state.config
+    cdtype = state.model_outputs.dtype
+    m, x = model_output.astype(cdtype), sample.astype(cdtype)
+    if config.prediction_type == "epsilon" and not config.thresholding:
+        return m
+    i = state.step_index
+    alpha_t, sigma_t = state.alpha_t[i], state.sigma_t[i]
+    if config.prediction_type == "epsilon":
+        x0 = (x - sigma_t * m) / alpha_t
+    elif config.prediction_type == "sample":
+        x0 = m
+    elif config.prediction_type == "v_prediction":
+        x0 = alpha_t * x - sigma_t * m
+    else:  # flow_prediction
+        x0 = x - state.sigmas[i] * m
+    if config.thresholding:
+        x0 = _threshold(config, x0)
+    return (x - alpha_t * x0) / sigma_t
+
+
+def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample: jax.Array):
+    """One DEIS step: returns (prev_sample, new_state). Pure and jit/scan-able.
+
+    The step index comes from `state.step_index`; `timestep` is accepted for diffusers'
+    call signature and is not used to find it.
+    """
+    del timestep
+    i = state.step_index
+    eps = convert_model_output(state, model_output, sample)
+    order = state.model_outputs.shape[0]
+    history = jax.lax.dynamic_update_index_in_dim(state.model_outputs, eps, i % order, 0)
+    w = state.weights[i]
+    prev = state.a[i] * sample.astype(eps.dtype)
+    for slot in range(order):
+        prev = prev + w[slot] * history[slot]
+    new_state = dataclasses.replace(state, step_index=i + 1, model_outputs=history)
+    return prev.astype(sample.dtype), new_state
+
+
+def scale_model_input(state: DEISState, sample: jax.Array, timestep: jax.Array | None = None) -> jax.Array:
+    """DEIS needs no input scaling: returns `sample` (kept for diffusers' interface)."""
+    del state, timestep
+    return sample
+
+
+def add_noise(state: DEISState, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """alpha_t x0 + sigma_t noise at the schedule entry of each timestep (diffusers' lookup rule).
+
+    Each t maps to its index in `state.timesteps` (the second match if it repeats, the last
+    step if it is absent), as diffusers does without a begin index.
+    """
+    t = jnp.atleast_1d(jnp.asarray(timesteps))
+    matches = state.timesteps[None, :] == t[:, None]
+    count = matches.sum(axis=1)
+    first = jnp.argmax(matches, axis=1)
+    second = jnp.argmax(jnp.cumsum(matches, axis=1) == 2, axis=1)
+    idx = jnp.where(count == 0, state.num_inference_steps - 1, jnp.where(count > 1, second, first))
+    dtype = _compute_dtype(original_samples.dtype)
+    alpha_t, sigma_t = alpha_sigma(state.config, state.sigmas[idx].astype(dtype))
+    expand = (slice(None),) + (None,) * (original_samples.ndim - 1)
+    if t.shape[0] == 1:
+        alpha_t, sigma_t = alpha_t[0], sigma_t[0]
+    else:
+        alpha_t, sigma_t = alpha_t[expand], sigma_t[expand]
+    return (alpha_t * original_samples.astype(dtype) + sigma_t * noise.astype(dtype)).astype(original_samples.dtype)
