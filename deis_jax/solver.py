@@ -204,7 +204,8 @@ def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.
     elif config.prediction_type == "v_prediction":
         x0 = alpha_t * x - sigma_t * m
     else:  # flow_prediction
-        x0 = x - state.sigmas[i] * m
+        sigma_t = state.sigmas[i].astype(cdtype)
+        x0 = x - sigma_t * m
     if config.thresholding:
         x0 = _threshold(config, x0)
     return (x - alpha_t * x0) / sigma_t

@@ -1,0 +1,89 @@
+"""The bundled digits UNet, the `python -m deis_jax demo` command, and the quality of its samples."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import deis_jax  # noqa: E402
+from deis_jax import demo  # noqa: E402
+from deis_jax.models.unet import DEFAULT_WEIGHTS, DigitsUNet, load_digits_unet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_digits_unet()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images.reshape(len(d.images), -1) / 8.0 - 1.0).astype(np.float32), d.target
+
+
+def test_weights_load_and_model_runs(model):
+    with np.load(DEFAULT_WEIGHTS) as data:
+        n_params = sum(data[k].size for k in data.files)
+    assert n_params < 300_000
+    assert isinstance(model, DigitsUNet)
+    x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
+    for t in (jnp.int32(0), jnp.int32(999), jnp.arange(5, dtype=jnp.int32) * 200):
+        out = model(x, t)
+        assert out.shape == (5, 8, 8, 1)
+        assert np.isfinite(np.asarray(out)).all()
+    # A trained eps-predictor at high noise predicts roughly the noise itself.
+    ac = deis_jax.schedule.alphas_cumprod(deis_jax.DEISConfig())
+    eps = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+    t = 900
+    xt = np.sqrt(ac[t]) * -1.0 + np.sqrt(1 - ac[t]) * eps
+    assert float(jnp.mean((model(xt, jnp.int32(t)) - eps) ** 2)) < 0.1
+
+
+def test_demo_writes_png(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert demo.main(["--num", "8", "--nfe", "5", "--seed", "1", "--out", str(out)]) == 0
+    with Image.open(out) as img:
+        assert img.size == demo.grid_size(8) == (3 * 34 + 2, 3 * 34 + 2)
+        assert img.mode == "L"
+    text = capsys.readouterr().out
+    assert "NFE=5" in text and "warm" in text and str(out) in text
+
+
+def test_cli_without_subcommand_exits_2():
+    r = subprocess.run([sys.executable, "-m", "deis_jax"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_samples_look_like_digits(model, digits):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = digits
+    clf = LogisticRegression(max_iter=2000).fit(x, y)
+    sampler = demo.make_sampler(model, deis_jax.DEISConfig(solver_order=3), nfe=10, num=64)
+    samples = np.asarray(sampler(jax.random.key(0))).reshape(64, -1)
+    assert np.isfinite(samples).all()
+
+    noise = np.random.RandomState(0).uniform(-1, 1, samples.shape)
+    conf_samples = clf.predict_proba(np.clip(samples, -1, 1)).max(axis=1).mean()
+    conf_noise = clf.predict_proba(noise).max(axis=1).mean()
+    conf_data = clf.predict_proba(x[:64]).max(axis=1).mean()
+    assert conf_samples > 0.8 and conf_samples > conf_noise + 0.3, (conf_samples, conf_noise, conf_data)
+    assert len(set(clf.predict(np.clip(samples, -1, 1)))) >= 7  # varied digits, not one mode
+
+    # Pixel statistics close to the data's: mostly background near -1, values in range.
+    assert np.abs(samples).max() < 1.5
+    frac_bg = lambda a: float(np.mean(a < -0.75))  # noqa: E731
+    assert abs(frac_bg(samples) - frac_bg(x)) < 0.1, (frac_bg(samples), frac_bg(x))
+    hist = lambda a: np.histogram(np.clip(a, -1, 1), bins=8, range=(-1, 1))[0] / a.size  # noqa: E731
+    assert 0.5 * np.abs(hist(samples) - hist(x)).sum() < 0.2  # total-variation distance
