@@ -103,23 +103,27 @@ def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
 
 @functools.lru_cache(maxsize=64)
 def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str):
-    """Schedule and weights for (config, N, mu, begin_index), computed once and cached."""
+    """Schedule and weights for (config, N, mu, begin_index), computed once and cached as numpy.
+
+    Cached as host arrays (not jax arrays) so that a table built while tracing one
+    transformation (pmap, a sharded jit) is never reused inside another.
+    """
     timesteps, sigmas = spacing.timesteps_and_sigmas(config, num_inference_steps, mu)
     with jax.ensure_compile_time_eval():
         t = coefficients.step_tables(config, sigmas, begin_index, jnp.dtype(dtype))
         n, order = t["c"].shape
         # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
         lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
-        weights = jnp.take_along_axis(t["c"], jnp.asarray(lag), axis=1)
-        return dict(
-            timesteps=jnp.asarray(timesteps, jnp.int32),
-            sigmas=jnp.asarray(sigmas, jnp.dtype(dtype)),
-            orders=jnp.asarray(t["orders"], jnp.int32),
+        tables = dict(
+            timesteps=timesteps.astype(np.int32),
+            sigmas=sigmas.astype(dtype),
+            orders=t["orders"].astype(np.int32),
             alpha_t=t["alpha_t"],
             sigma_t=t["sigma_t"],
             a=t["a"],
-            weights=weights,
+            weights=jnp.take_along_axis(t["c"], jnp.asarray(lag), axis=1),
         )
+        return {k: np.asarray(v) for k, v in tables.items()}
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
@@ -154,7 +158,7 @@ def set_timesteps(
         config=config,
         step_index=jnp.asarray(begin_index, jnp.int32),
         model_outputs=jnp.zeros((config.solver_order, *shape), cdtype),
-        **tables,
+        **{k: jnp.asarray(v) for k, v in tables.items()},
     )
 
 
