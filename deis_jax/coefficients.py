@@ -14,6 +14,12 @@ outputs eps_i, eps_{i-1}, ..., so the update is linear in them:
 For log-rho DEIS, with v = log rho - log rho_i and h = v at rho_{i+1}, the integral of
 ell_j(v) e^v is closed form: rho_i [e^h Q_j(h) - Q_j(0)], Q_j = sum_m (-1)^m ell_j^(m).
 With k_i = 1 it is DDIM: c = alpha_{i+1} (rho_{i+1} - rho_i).
+
+The other variants of the paper change only the integral (the weights):
+  tab    ell_j in the time t; integral of ell_j(t(rho)) d rho by Gauss-Legendre quadrature in log rho;
+  rhoab  ell_j in rho; integral of a polynomial, closed form;
+  ipndm  DDIM weight times fixed Adams-Bashforth weights (55, -59, 37, -9)/24 and lower orders;
+  rhork  Runge-Kutta in rho: several evaluations per step, each a row of the same tables.
 """
 
 from __future__ import annotations
@@ -22,11 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax import schedule
+from deis_jax import schedule, spacing
 from deis_jax.config import DEISConfig
 
 # lower_order_final only applies below this many steps (diffusers' rule).
 LOWER_ORDER_FINAL_BELOW = 15
+ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                   4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+# Explicit Runge-Kutta tableaus (c, A, b): Euler, Heun, Kutta's third order, classic RK4.
+RUNGE_KUTTA = {
+    1: ((0.0,), ((0.0,),), (1.0,)),
+    2: ((0.0, 1.0), ((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5)),
+    3: ((0.0, 0.5, 1.0), ((0, 0, 0), (0.5, 0, 0), (-1.0, 2.0, 0)), (1 / 6, 4 / 6, 1 / 6)),
+    4: ((0.0, 0.5, 0.5, 1.0), ((0, 0, 0, 0), (0.5, 0, 0, 0), (0, 0.5, 0, 0), (0, 0, 1.0, 0)),
+        (1 / 6, 2 / 6, 2 / 6, 1 / 6)),
+}
+GAUSS_LEGENDRE_NODES = 16
 
 
 def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -> np.ndarray:
@@ -87,25 +104,136 @@ def _exp_integral_operator(num_nodes: int, dtype) -> jnp.ndarray:
     return jnp.asarray(op, dtype)
 
 
-def logrho_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
-    """c_{i,j} / alpha_{i+1}: integrals of ell_j(log rho) over [rho_i, rho_{i+1}], shape [N, max_order]."""
-    n = rhos.shape[0] - 1
-    log_rho = jnp.log(rhos)
+def _basis_per_step(coord: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+    """Lagrange basis [N, K, K] in v = coord - coord_i through coord_i, coord_{i-1}, ... (k_i of them)."""
+    n = coord.shape[0] - 1
     lag = np.arange(max_order)
     idx = np.arange(n)[:, None] - lag[None, :]  # node of lag j at step i: i - j
     active = (lag[None, :] < orders[:, None]) & (idx >= 0)
-    nodes = jnp.where(active, log_rho[np.maximum(idx, 0)] - log_rho[:n, None], 0.0)
+    nodes = jnp.where(active, coord[np.maximum(idx, 0)] - coord[:n, None], 0.0)
+    return jax.vmap(lagrange_basis)(nodes, jnp.asarray(active))
+
+
+def logrho_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+    """Integrals of ell_j(log rho) over [rho_i, rho_{i+1}], closed form: [N, max_order]."""
+    n = rhos.shape[0] - 1
+    log_rho = jnp.log(rhos)
     h = (log_rho[1:] - log_rho[:-1])[:, None]
-    q = jax.vmap(lagrange_basis)(nodes, jnp.asarray(active)) @ _exp_integral_operator(max_order, rhos.dtype)
+    q = _basis_per_step(log_rho, orders, max_order) @ _exp_integral_operator(max_order, rhos.dtype)
     # rho_i [e^h Q(h) - Q(0)] = rho_i [(e^h - 1) Q(h) + Q(h) - Q(0)]
     q_h = _polyval(q, h[..., None])
     return rhos[:n, None] * (jnp.expm1(h) * q_h + q_h - q[..., 0])
 
 
-def step_tables(config: DEISConfig, sigmas: np.ndarray, begin_index: int, dtype) -> dict[str, jnp.ndarray]:
-    """Everything a step needs, per step i: alpha_i, sigma_i, a_i and lag weights c_{i,j} [N, order]."""
+def rhoab_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+    """Integrals of ell_j(rho) over [rho_i, rho_{i+1}]: sum_m p_m Delta^(m+1) / (m+1)."""
+    delta = (rhos[1:] - rhos[:-1])[:, None, None]
+    p = _basis_per_step(rhos, orders, max_order)
+    m = jnp.arange(max_order, dtype=rhos.dtype)
+    return jnp.sum(p * delta ** (m + 1) / (m + 1), axis=-1)
+
+
+def ipndm_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+    """(rho_{i+1} - rho_i) times the Adams-Bashforth weights of order k_i."""
+    ab = np.zeros((len(orders), max_order))
+    for i, k in enumerate(orders):
+        ab[i, :k] = ADAMS_BASHFORTH[int(k)]
+    return (rhos[1:] - rhos[:-1])[:, None] * jnp.asarray(ab, rhos.dtype)
+
+
+def time_of_log_rho(config: DEISConfig, u: np.ndarray) -> np.ndarray:
+    """The model time t as a function of u = log rho (float64): analytic for continuous and flow
+    schedules, piecewise linear between training timesteps for discrete ones."""
+    if config.is_continuous:
+        return schedule.continuous_t(config, np.exp(u))
+    if config.use_flow_sigmas:
+        return config.num_train_timesteps / (1.0 + np.exp(-u))  # s * N, s = rho / (1 + rho)
+    return spacing.sigma_to_t(np.exp(u), np.log(schedule.train_rhos(config)).astype(np.float64))
+
+
+def _quadrature_points(config: DEISConfig, log_rho: np.ndarray):
+    """Gauss-Legendre points (step, u, weight) covering each step's [u_i, u_{i+1}].
+
+    Discrete VP schedules are split at every training timestep, where t(u) has a kink, so each
+    piece's integrand ell(t(u)) e^u is smooth; other schedules are split in two equal pieces.
+    """
+    x, w = np.polynomial.legendre.leggauss(GAUSS_LEGENDRE_NODES)
+    knots = None
+    if not config.is_continuous and not config.use_flow_sigmas:
+        knots = np.log(schedule.train_rhos(config)).astype(np.float64)
+    steps, los, his = [], [], []
+    for i in range(len(log_rho) - 1):
+        lo, hi = sorted((log_rho[i], log_rho[i + 1]))
+        inner = knots[(knots > lo) & (knots < hi)] if knots is not None else np.array([0.5 * (lo + hi)])
+        edges = np.concatenate([[lo], inner, [hi]])
+        sign = 1.0 if log_rho[i + 1] >= log_rho[i] else -1.0
+        steps += [i] * (len(edges) - 1)
+        los.append(edges[:-1])
+        his.append(sign * (edges[1:] - edges[:-1]))  # signed length: integrate from u_i to u_{i+1}
+    lo, length = np.concatenate(los), np.concatenate(his)
+    width = np.abs(length)
+    u = lo[:, None] + 0.5 * width[:, None] * (x[None, :] + 1.0)
+    weight = 0.5 * length[:, None] * w[None, :]
+    return np.repeat(np.asarray(steps), len(x)), u.ravel(), weight.ravel()
+
+
+def tab_weights(config: DEISConfig, rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+    """Integrals of ell_j(t) over [rho_i, rho_{i+1}] = int ell_j(t(u)) e^u du, by Gauss-Legendre."""
+    dtype = rhos.dtype
+    log_rho = np.log(np.asarray(rhos, np.float64))
+    times = time_of_log_rho(config, log_rho)
+    p = _basis_per_step(jnp.asarray(times, dtype), orders, max_order)
+    step, u, weight = _quadrature_points(config, log_rho)
+    v = jnp.asarray(time_of_log_rho(config, u) - times[step], dtype)
+    integrand = _polyval(p[step], v[:, None, None]) * jnp.asarray(weight * np.exp(u), dtype)[:, None]
+    return jax.ops.segment_sum(integrand, jnp.asarray(step), num_segments=len(orders))
+
+
+MULTISTEP_WEIGHTS = {"logrho": logrho_weights, "rhoab": rhoab_weights, "ipndm": ipndm_weights}
+
+
+def _runge_kutta_grid(config: DEISConfig, sigmas: np.ndarray):
+    """Evaluation points of rhoRK: for step i, rho_i + c_s (rho_{i+1} - rho_i), s < S.
+
+    Returns (timesteps [N S], sigmas [N S + 1], weights by lag [N S, S], rhos [N S + 1]) where
+    evaluation e = i S + s maps the sample at its point to the sample at the next point:
+    y_next = x / alpha_e + Delta_i sum_r (A_next,r - A_s,r) k_r with y = x / alpha and
+    A_next = b after the last stage.
+    """
+    c, a_mat, b = (np.asarray(v, np.float64) for v in RUNGE_KUTTA[config.solver_order])
+    stages = len(c)
+    rho = _rho_from_sigma(config, sigmas)
+    delta = rho[1:] - rho[:-1]
+    stage_rho = (rho[:-1, None] + c[None, :] * delta[:, None]).ravel()
+    rows = np.vstack([a_mat, b[None, :]])
+    by_stage = rows[1:] - rows[:-1]  # [S, S]: weight of k_r when leaving stage s
+    weights = (delta[:, None, None] * by_stage[None]).reshape(-1, stages)
+    s_idx = np.tile(np.arange(stages), len(delta))
+    lags = s_idx[:, None] - np.arange(stages)[None, :]  # lag j holds stage r = s - j
+    lag_weights = np.where(lags >= 0, np.take_along_axis(weights, np.maximum(lags, 0), axis=1), 0.0)
+    all_rho = np.append(stage_rho, rho[-1])
+    timesteps = time_of_log_rho(config, np.log(stage_rho))
+    return timesteps, schedule.sigma_from_rho(config, all_rho), lag_weights, all_rho
+
+
+def _rho_from_sigma(config: DEISConfig, sigmas: np.ndarray) -> np.ndarray:
+    return sigmas / (1.0 - sigmas) if config.use_flow_sigmas else sigmas
+
+
+def build(config: DEISConfig, timesteps: np.ndarray, sigmas: np.ndarray, begin_index: int, dtype):
+    """Per evaluation e: timesteps, sigmas [E + 1], orders, alpha_t, sigma_t, a and lag weights c [E, K]."""
+    if config.solver_type == "rhork":
+        timesteps, sigmas, lag_weights, _ = _runge_kutta_grid(config, np.asarray(sigmas, np.float64))
+        orders = np.full(len(timesteps), config.solver_order)
+    else:
+        orders = effective_orders(config, sigmas, begin_index)
     alpha, sigma = schedule.alpha_sigma(config, jnp.asarray(sigmas, dtype))
     rhos = sigma / alpha
-    orders = effective_orders(config, sigmas, begin_index)
-    c = alpha[1:, None] * logrho_weights(rhos, orders, config.solver_order)
-    return {"alpha_t": alpha[:-1], "sigma_t": sigma[:-1], "a": alpha[1:] / alpha[:-1], "c": c, "orders": orders}
+    if config.solver_type == "rhork":
+        integrals = jnp.asarray(lag_weights, dtype)
+    elif config.solver_type == "tab":
+        integrals = tab_weights(config, rhos, orders, config.solver_order)
+    else:
+        integrals = MULTISTEP_WEIGHTS[config.solver_type](rhos, orders, config.solver_order)
+    return dict(timesteps=timesteps, sigmas=sigmas, orders=orders, alpha_t=alpha[:-1], sigma_t=sigma[:-1],
+                a=alpha[1:] / alpha[:-1], c=alpha[1:, None] * integrals)

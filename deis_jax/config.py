@@ -19,10 +19,13 @@ import numpy as np
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 ALGORITHM_TYPES = ("deis",)
-SOLVER_TYPES = ("logrho",)
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+SOLVER_TYPES = ("logrho", "tab", "rhoab", "ipndm", "rhork")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 TIME_SHIFT_TYPES = ("exponential",)
-MAX_SOLVER_ORDER = {"logrho": 3}
+TIME_SCHEDULES = ("discrete", "vp_linear", "vp_cosine")
+MAX_SOLVER_ORDER = {"logrho": 3, "tab": 4, "rhoab": 4, "ipndm": 4, "rhork": 4}
+# End of the continuous-time interval [t_min, t_max]; the cosine schedule's alpha vanishes at t = 1.
+DEFAULT_T_MAX = {"vp_linear": 1.0, "vp_cosine": 0.9946}
 
 # Values diffusers accepts and silently rewrites (its `register_to_config` fallbacks).
 _ALGORITHM_ALIASES = {"dpmsolver": "deis", "dpmsolver++": "deis"}
@@ -116,6 +119,12 @@ class DEISConfig:
     steps_offset: int = 0
     use_dynamic_shifting: bool = False
     time_shift_type: str = "exponential"
+    # deis_jax extensions (not in diffusers): continuous-time VP models (score-SDE style).
+    time_schedule: str = "discrete"
+    continuous_beta_min: float = 0.1
+    continuous_beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -146,6 +155,22 @@ class DEISConfig:
         set_("steps_offset", _check_int("steps_offset", self.steps_offset, 0))
         _check_choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
 
+        _check_choice("time_schedule", self.time_schedule, TIME_SCHEDULES)
+        set_("continuous_beta_min", _check_float(
+            "continuous_beta_min", self.continuous_beta_min, 0.0, math.inf, False, True))
+        set_("continuous_beta_max", _check_float(
+            "continuous_beta_max", self.continuous_beta_max, self.continuous_beta_min, math.inf, True, True))
+        set_("t_min", _check_float("t_min", self.t_min, 0.0, 1.0, True, True))
+        if self.time_schedule != "discrete":
+            if self.t_max is None:
+                set_("t_max", DEFAULT_T_MAX[self.time_schedule])
+            set_("t_max", _check_float("t_max", self.t_max, self.t_min, 1.0, True, False))
+            if self.use_flow_sigmas or self.trained_betas is not None:
+                _fail("time_schedule", self.time_schedule,
+                      "continuous-time schedules cannot be combined with use_flow_sigmas or trained_betas")
+        elif self.t_max is not None:
+            _fail("t_max", self.t_max, "is only used with a continuous time_schedule; leave it None")
+
         chosen = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
                   if getattr(self, n)]
         if len(chosen) > 1:
@@ -168,9 +193,25 @@ class DEISConfig:
             warnings.warn(f"DEISConfig.from_diffusers ignores keys DEIS does not use: {ignored}", stacklevel=2)
         return cls(**{k: v for k, v in config.items() if k in names})
 
+    @property
+    def is_continuous(self) -> bool:
+        return self.time_schedule != "discrete"
+
     def to_diffusers(self) -> dict[str, Any]:
-        """The fields as a dict that `DEISMultistepScheduler.from_config` accepts."""
-        out = dataclasses.asdict(self)
+        """The fields as a dict that `DEISMultistepScheduler.from_config` accepts.
+
+        Raises ValueError for the deis_jax extensions diffusers does not have.
+        """
+        for field, plain in (("solver_type", "logrho"), ("time_schedule", "discrete")):
+            if getattr(self, field) != plain:
+                _fail(field, getattr(self, field), f"diffusers only supports {plain!r}")
+        if self.timestep_spacing == "quadratic":
+            _fail("timestep_spacing", "quadratic", "diffusers only supports linspace, leading and trailing")
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k in DIFFUSERS_FIELDS}
         if self.trained_betas is not None:
             out["trained_betas"] = list(self.trained_betas)
         return out
+
+
+_NAMES = [f.name for f in dataclasses.fields(DEISConfig)]
+DIFFUSERS_FIELDS = tuple(_NAMES[: _NAMES.index("time_shift_type") + 1])

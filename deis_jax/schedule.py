@@ -59,3 +59,45 @@ def alpha_sigma(config: DEISConfig, s: jnp.ndarray) -> tuple[jnp.ndarray, jnp.nd
         return 1.0 - s, s
     alpha = 1.0 / jnp.sqrt(s * s + 1.0)
     return alpha, jnp.where(jnp.isinf(s), 1.0, s * alpha)
+
+
+def sigma_from_rho(config: DEISConfig, rho):
+    """diffusers' `sigmas` entry for a given rho: rho itself (VP), or s = rho / (1 + rho) (flow)."""
+    return rho / (1.0 + rho) if config.use_flow_sigmas else rho
+
+
+# Continuous-time VP schedules (score SDE): t in [t_min, t_max].
+_COSINE_S = 0.008
+
+
+def continuous_rho(config: DEISConfig, t, xp=np):
+    """rho(t) = sigma_t / alpha_t = sqrt(1 / alpha_t^2 - 1).
+
+    vp_linear: log alpha_t = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2.
+    vp_cosine: alpha_t^2 = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008.
+    """
+    if config.time_schedule == "vp_linear":
+        b0, b1 = config.continuous_beta_min, config.continuous_beta_max
+        return xp.sqrt(xp.expm1(0.5 * t**2 * (b1 - b0) + t * b0))
+    f0 = math.cos(_COSINE_S / (1 + _COSINE_S) * math.pi / 2)
+    return xp.sqrt((f0 / xp.cos((t + _COSINE_S) / (1 + _COSINE_S) * math.pi / 2)) ** 2 - 1.0)
+
+
+def continuous_t(config: DEISConfig, rho: np.ndarray) -> np.ndarray:
+    """The inverse of `continuous_rho` (float64, numpy)."""
+    log1p_rho2 = np.log1p(rho**2)  # = -2 log alpha_t
+    if config.time_schedule == "vp_linear":
+        b0, b1 = config.continuous_beta_min, config.continuous_beta_max
+        return 2 * log1p_rho2 / (b0 + np.sqrt(b0**2 + 2 * (b1 - b0) * log1p_rho2))
+    f0 = math.cos(_COSINE_S / (1 + _COSINE_S) * math.pi / 2)
+    return (1 + _COSINE_S) * 2 / math.pi * np.arccos(f0 * np.exp(-0.5 * log1p_rho2)) - _COSINE_S
+
+
+def rho_at(config: DEISConfig, t, xp=np):
+    """rho at a (possibly fractional) timestep t: analytic for continuous schedules; for discrete
+    ones, linear interpolation of log rho between the training timesteps (the inverse of
+    `spacing.sigma_to_t`). This is the noise level a model given t is trained for."""
+    if config.is_continuous:
+        return continuous_rho(config, t, xp)
+    log_rho = xp.asarray(np.log(train_rhos(config)).astype(np.float64))
+    return xp.exp(xp.interp(t, xp.arange(log_rho.shape[0], dtype=log_rho.dtype), log_rho))

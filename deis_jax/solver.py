@@ -75,9 +75,11 @@ def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_steps(config: DEISConfig, num_inference_steps: int) -> int:
-    sigma_grid = (config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas
-                  or config.use_flow_sigmas)
-    limit = config.num_train_timesteps if sigma_grid else spacing.max_inference_steps(config)
+    diffusers_sigma_grid = config.use_flow_sigmas or config.solver_type == "logrho" and (
+        config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas)
+    limit = spacing.max_inference_steps(config)
+    if diffusers_sigma_grid and not config.is_continuous:
+        limit = config.num_train_timesteps  # repeated timesteps are allowed there, as in diffusers
     if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
             or not 1 <= num_inference_steps <= limit):
         raise ValueError(
@@ -110,13 +112,14 @@ def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begi
     """
     timesteps, sigmas = spacing.timesteps_and_sigmas(config, num_inference_steps, mu)
     with jax.ensure_compile_time_eval():
-        t = coefficients.step_tables(config, sigmas, begin_index, jnp.dtype(dtype))
+        t = coefficients.build(config, timesteps, sigmas, begin_index, jnp.dtype(dtype))
         n, order = t["c"].shape
         # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
         lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
+        time_dtype = np.int32 if np.issubdtype(t["timesteps"].dtype, np.integer) else dtype
         tables = dict(
-            timesteps=timesteps.astype(np.int32),
-            sigmas=sigmas.astype(dtype),
+            timesteps=t["timesteps"].astype(time_dtype),
+            sigmas=np.asarray(t["sigmas"]).astype(dtype),
             orders=t["orders"].astype(np.int32),
             alpha_t=t["alpha_t"],
             sigma_t=t["sigma_t"],

@@ -19,7 +19,9 @@ BETA_SIGMAS_AB = 0.6  # Lee et al., "Beta Sampling is All You Need": Beta(0.6, 0
 
 
 def max_inference_steps(config: DEISConfig) -> int:
-    """The largest step count whose discrete timesteps are all distinct."""
+    """The largest step count whose discrete timesteps are all distinct (10,000 for continuous time)."""
+    if config.is_continuous:
+        return 10_000
     n = config.num_train_timesteps
     return n if config.timestep_spacing == "trailing" else n - 1
 
@@ -92,28 +94,76 @@ def _sigma_schedule(config: DEISConfig, sigma_min: float, sigma_max: float, n: i
     return sigma_min + ppf * (sigma_max - sigma_min)
 
 
+def _strictly_decreasing(t: np.ndarray, top: int) -> np.ndarray:
+    """Integer timesteps in [0, top], strictly decreasing, moved as little as rounding allows."""
+    t = np.clip(t, 0, top)
+    for j in range(len(t) - 2, -1, -1):  # from the low end up
+        t[j] = max(t[j], t[j + 1] + 1)
+    for j in range(1, len(t)):  # and back down from the top
+        t[j] = min(t[j], t[j - 1] - 1)
+    return t
+
+
+def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
+    """N + 1 rounded, strictly decreasing timesteps ending at 0 and their exact training rhos.
+
+    The model is evaluated at the first N; each sigma is the noise level the model is trained
+    for at its timestep.
+    """
+    t = _strictly_decreasing(np.round(t_grid).astype(np.int64), len(rhos) - 1)
+    return t[:-1], rhos[t].astype(np.float64)
+
+
+def _continuous_grid(config: DEISConfig, n: int):
+    """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid)."""
+    t_lo, t_hi = config.t_min, config.t_max
+    if config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas:
+        rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
+        t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
+        t[0], t[-1] = t_hi, t_lo
+    elif config.timestep_spacing == "quadratic":
+        t = np.linspace(t_hi**0.5, t_lo**0.5, n + 1) ** 2
+    else:  # linspace, leading and trailing only differ in rounding to integers: uniform in t
+        t = np.linspace(t_hi, t_lo, n + 1)
+    return t[:-1], schedule.continuous_rho(config, t)
+
+
 def timesteps_and_sigmas(
     config: DEISConfig, num_inference_steps: int, mu: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps int64 [N], sigmas float32 [N + 1]) exactly as diffusers' `set_timesteps` makes them.
+    """(timesteps [N], sigmas float64 [N + 1]) of the step grid.
 
-    With `use_dynamic_shifting`, `mu` sets the flow shift to exp(mu) for this call only.
+    For solver_type="logrho" on a discrete schedule these are exactly diffusers' `timesteps` and
+    `sigmas` (with `use_dynamic_shifting`, `mu` sets the flow shift to exp(mu) for this call).
+    The other solvers use the same grids, except that a sigma grid (Karras, exponential, beta)
+    is rounded to N + 1 distinct timesteps ending at t = 0 whose sigmas are the training ones,
+    so that the model's timestep and the solver's sigma always agree. Continuous schedules give
+    float timesteps.
     """
     n = num_inference_steps
+    if config.is_continuous:
+        return _continuous_grid(config, n)
     if config.use_flow_sigmas:
         shift = config.flow_shift if mu is None else math.exp(mu)
         s = 1.0 - np.linspace(1, 1 / config.num_train_timesteps, n + 1)
         s = np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
-        return (s * config.num_train_timesteps).astype(np.int64), np.append(s, s[-1]).astype(np.float32)
+        sigmas = np.append(s, s[-1]).astype(np.float32).astype(np.float64)
+        return (s * config.num_train_timesteps).astype(np.int64), sigmas
 
     rhos = schedule.train_rhos(config)
     log_rhos = np.log(rhos)
     if config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas:
+        if config.solver_type != "logrho":
+            s = _sigma_schedule(config, rhos[0].item(), rhos[-1].item(), n + 1)
+            return _consistent_discrete_grid(sigma_to_t(s, log_rhos), rhos)
         s = _sigma_schedule(config, rhos[0].item(), rhos[-1].item(), n)
         t = sigma_to_t(s, log_rhos)
         t = t.round() if config.use_karras_sigmas else t
-        return t.astype(np.int64), np.append(s, s[-1]).astype(np.float32)
+        return t.astype(np.int64), np.append(s, s[-1]).astype(np.float32).astype(np.float64)
+    if config.timestep_spacing == "quadratic":
+        top = config.num_train_timesteps - 1
+        return _consistent_discrete_grid(np.linspace(top**0.5, 0.0, n + 1) ** 2, rhos)
 
     timesteps = _spaced_timesteps(config, n)
     sigmas = np.interp(timesteps, np.arange(len(rhos)), rhos)
-    return timesteps, np.append(sigmas, rhos[0]).astype(np.float32)
+    return timesteps, np.append(sigmas, rhos[0]).astype(np.float32).astype(np.float64)
