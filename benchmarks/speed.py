@@ -1,29 +1,29 @@
-"""Speed, compile time and memory of `deis_jax.sample` against a hand-written floor and diffusers.
+"""Speed, first-call time and memory of `deis_jax.sample` against a hand-written floor and diffusers.
 
 Method
 ------
-* Steady-state time (20 steps, DEISConfig(solver_order=3)). Three contenders, each one full
-  generation from a PRNG key / generator to the final sample:
-    sample     `jax.jit` of `deis_jax.sample` with the model closed over;
-    bare       `jax.jit` of a hand-written `lax.scan` doing only x = a_i x + w0 e0 + w1 e1 + w2 e2
-               (e0 the new model output, e1, e2 the two before), with a_i and the per-lag weights
-               taken from `deis_jax.set_timesteps`, so it does the same arithmetic (checked: the two
-               agree to float32 rounding) and is the floor any scheduler can reach;
+* Steady state, DEISConfig(solver_order=3), 20 steps; each contender is one whole generation,
+  PRNG key / generator -> final sample:
+    sample     `jax.jit` of `deis_jax.sample`, model closed over;
+    bare       `jax.jit` of a hand-written `lax.scan` that only does x = a_i x + sum w_i h, h a ring of
+               the last 3 model outputs written in place (slot i % 3), with a_i and the weights taken
+               from `deis_jax.set_timesteps`: the same arithmetic (checked: identical result), the floor;
+    rotating   the same update with the history as a shifted carry (x, e1, e2) and per-lag weights:
+               the obvious way to write it, kept to show what XLA's carry copies cost;
     diffusers  PyTorch `DEISMultistepScheduler(solver_order=3)`: set_timesteps, randn, then the
-               model/step loop, with torch.set_num_threads(1) (XLA keeps its default threads).
-  After warm-up the contenders run interleaved, round-robin with a rotating start (A B C, B C A, ...),
-  so that load from other processes on this shared machine hits all of them alike. Each
-  measurement repeats the call `number` times (calibrated to >= ~5 ms, like timeit) and ends with
-  `block_until_ready`. Reported: the median per-call time, and each ratio as the median of
-  the per-round ratios (paired, so slow drifts cancel).
-* First call: a fresh `jax.jit` after `jax.clear_caches()` and clearing deis_jax's table cache,
-  timed to the end of the first result (trace + lower + compile + run), split with
-  `jax.monitoring` events; 10/20/50 steps interleaved, median of the repeats.
-* Peak memory: `jax.jit(f).lower(...).compile().memory_analysis()`, (temp + output + argument
-  bytes) / one sample's bytes, for shape (4, 3, 256, 256).
-* Real model: 3 convs of 32 channels with a sinusoidal time embedding added after the first
-  (Flax NNX, NHWC) and an equivalent torch module (NCHW, same layer sizes); also the torch model
-  alone for 20 calls, so the scheduler's share of a real run is visible on both sides.
+               model/step loop, torch.set_num_threads(1) (XLA keeps its default threads).
+  After warm-up the contenders run interleaved, round-robin with a rotating start (A B C D, B C D A,
+  ...), so load from other processes on this shared machine hits them all alike. A measurement
+  repeats the call until ~20 ms have passed (like timeit), blocking on every result. Reported: median
+  time per call and, for each ratio, the median [quartiles] of the per-round ratios (paired).
+* First call: a fresh `jax.jit` after `jax.clear_caches()`, timed to the first result (trace, lower,
+  compile, run), XLA compile time from `jax.monitoring`; "cold" also clears deis_jax's table cache,
+  as in a fresh process. 10/20/50 steps interleaved; `jax.random.normal` alone for reference.
+* Peak memory: `jax.jit(f).lower(...).compile().memory_analysis()`: temp + output + argument
+  (- alias, zero unless an argument is donated) bytes over one sample's bytes, shape (4, 3, 256, 256).
+* Real model: 3 convs of 32 channels, a sinusoidal time embedding added after the first (Flax NNX,
+  NHWC) and a torch module with the same layer sizes (NCHW); the torch model alone for 20 calls too,
+  so the scheduler's share of a real run shows on both sides.
 
 Run:  python benchmarks/speed.py [--quick] [--out benchmarks/speed_results.md]
 """
@@ -71,38 +71,53 @@ def toy_model(x, t):
 # ----------------------------------------------------------------------------- contenders
 
 def make_sample(model_fn, shape, steps=STEPS):
-    """jit(key, *params) -> x_0 through deis_jax.sample; model_fn(params, x, t)."""
+    """jit(key, *params) -> x_0 through deis_jax.sample, calling model_fn(*params, x, t)."""
     def run(key, *params):
         return deis_jax.sample(lambda x, t: model_fn(*params, x, t), key, shape, config=CONFIG,
                                num_inference_steps=steps)
     return jax.jit(run)
 
 
-def lag_tables(shape, steps=STEPS):
-    """(timesteps, a [N], c [N, order]) with c[i, j] the weight of the output from j steps back.
+def make_bare(model_fn, shape, steps=STEPS):
+    """The floor: x = a_i x + sum_slot w[i, slot] h[slot], h a ring of the last 3 outputs.
 
-    deis_jax stores weights per ring slot: weights[i, slot] = c[i, (i - slot) % order].
+    a and the per-slot weights are deis_jax.set_timesteps' own, fed to the scan as inputs,
+    the new output goes to slot i % 3 by dynamic_update_slice (in place), nothing else is done.
     """
     state = deis_jax.set_timesteps(CONFIG, steps, shape)
-    w = np.asarray(state.weights)
-    slot = (np.arange(w.shape[0])[:, None] - np.arange(ORDER)[None, :]) % ORDER
-    return np.asarray(state.timesteps), np.asarray(state.a), np.take_along_axis(w, slot, axis=1)
-
-
-def make_bare(model_fn, shape, steps=STEPS):
-    timesteps, a, c = lag_tables(shape, steps)
+    xs = tuple(np.asarray(v) for v in (state.timesteps, state.a, state.weights)) + (np.arange(steps) % ORDER,)
 
     def run(key, *params):
         x = jax.random.normal(key, shape, jnp.float32)
-        zero = jnp.zeros_like(x)
+
+        def body(carry, inputs):
+            x, h = carry
+            t, a_i, w, slot = inputs
+            h = jax.lax.dynamic_update_index_in_dim(h, model_fn(*params, x, t), slot, 0)
+            return (a_i * x + w[0] * h[0] + w[1] * h[1] + w[2] * h[2], h), None
+
+        (x, _), _ = jax.lax.scan(body, (x, jnp.zeros((ORDER, *shape), x.dtype)), xs)
+        return x
+    return jax.jit(run)
+
+
+def make_rotating(model_fn, shape, steps=STEPS):
+    """The naive form, carry (x, e1, e2) shifted each step: XLA copies the shifted samples."""
+    state = deis_jax.set_timesteps(CONFIG, steps, shape)
+    w = np.asarray(state.weights)  # weights[i, slot] = c[i, lag] with slot = (i - lag) % order
+    c = np.take_along_axis(w, (np.arange(steps)[:, None] - np.arange(ORDER)[None, :]) % ORDER, axis=1)
+    xs = (np.asarray(state.timesteps), np.asarray(state.a), c)
+
+    def run(key, *params):
+        x = jax.random.normal(key, shape, jnp.float32)
 
         def body(carry, inputs):
             x, e1, e2 = carry
-            t, a_i, w = inputs
+            t, a_i, c_i = inputs
             e0 = model_fn(*params, x, t)
-            return (a_i * x + w[0] * e0 + w[1] * e1 + w[2] * e2, e0, e1), None
+            return (a_i * x + c_i[0] * e0 + c_i[1] * e1 + c_i[2] * e2, e0, e1), None
 
-        (x, _, _), _ = jax.lax.scan(body, (x, zero, zero), (timesteps, a, c))
+        (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), jnp.zeros_like(x)), xs)
         return x
     return jax.jit(run)
 
@@ -187,18 +202,18 @@ def _once(fn, number):
     t0 = time.perf_counter()
     for _ in range(number):
         out = fn()
-    if hasattr(out, "block_until_ready"):
-        out.block_until_ready()
+        if hasattr(out, "block_until_ready"):
+            out.block_until_ready()
     return (time.perf_counter() - t0) / number
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 2, min_time: float = 5e-3):
+def interleaved(fns: dict, repeats: int, warmup: int = 2, min_time: float = 20e-3):
     """{name: [per-call seconds] * repeats}, measured round-robin with a rotating start."""
     number = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             one = _once(fn, 1)
-        number[name] = max(1, min(200, int(min_time / max(one, 1e-7))))
+        number[name] = max(1, min(500, int(min_time / max(one, 1e-7))))
     names = list(fns)
     times = {name: [] for name in names}
     for r in range(repeats):
@@ -208,8 +223,10 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2, min_time: float = 5e-3
     return times
 
 
-def paired_ratio(times, a, b):
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+def ratios(times, a, b):
+    """(median, q1, q3) of the per-round ratios a/b."""
+    q = statistics.quantiles([x / y for x, y in zip(times[a], times[b])], n=4, method="inclusive")
+    return q[1], q[0], q[2]
 
 
 def med(ts):
@@ -217,78 +234,90 @@ def med(ts):
 
 
 def fmt_t(seconds):
-    return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fmt_r(r):
+    return "n/a" if r is None else f"{r[0]:.3f} [{r[1]:.2f}-{r[2]:.2f}]"
 
 
 # ----------------------------------------------------------------------------- sections
 
-def check_bare_matches(shape):
+def check_agreement(shape):
+    """Max relative differences: bare and rotating vs sample; diffusers vs sample_from_noise on one noise."""
     key = jax.random.key(1)
-    x_sample = make_sample(lambda x, t: toy_model(x, t), shape)(key)
-    x_bare = make_bare(lambda x, t: toy_model(x, t), shape)(key)
-    err = float(jnp.max(jnp.abs(x_sample - x_bare)) / jnp.max(jnp.abs(x_sample)))
-    assert err < 1e-5, f"bare scan and deis_jax.sample disagree: rel err {err:.2e}"
-    if torch is not None:  # the diffusers loop timed here solves the same ODE from the same noise
+    ref = make_sample(toy_model, shape)(key)
+
+    def rel(x, y):
+        return float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
+
+    errs = {"bare": rel(make_bare(toy_model, shape)(key), ref),
+            "rotating": rel(make_rotating(toy_model, shape)(key), ref)}
+    if torch is not None:
         noise = np.asarray(jax.random.normal(key, shape, jnp.float32))
-        ref = deis_jax.sample_from_noise(toy_model, noise, config=CONFIG, num_inference_steps=STEPS)
-        got = make_diffusers(toy_model, shape)(torch.from_numpy(noise)).numpy()
-        derr = float(np.max(np.abs(np.asarray(ref) - got)) / np.max(np.abs(got)))
-        assert derr < 1e-4, f"diffusers loop and deis_jax disagree: rel err {derr:.2e}"
-        return err, derr
-    return err, None
+        errs["diffusers"] = rel(make_diffusers(toy_model, shape)(torch.from_numpy(noise)).numpy(),
+                                deis_jax.sample_from_noise(toy_model, noise, config=CONFIG, num_inference_steps=STEPS))
+    for name, err in errs.items():
+        assert err < 1e-4, f"{name} disagrees with deis_jax: max rel. diff {err:.2e}"
+    return errs
 
 
 def bench_toy(repeats):
     rows = []
+    key = jax.random.key(0)
     for shape in SHAPES:
-        key = jax.random.key(0)
-        f_sample = make_sample(toy_model, shape)
-        f_bare = make_bare(toy_model, shape)
-        fns = {"sample": lambda: f_sample(key), "bare": lambda: f_bare(key)}
+        jitted = {"sample": make_sample(toy_model, shape), "bare": make_bare(toy_model, shape),
+                  "rotating": make_rotating(toy_model, shape)}
+        fns = {name: (lambda f=f: f(key)) for name, f in jitted.items()}
         if torch is not None:
             fns["diffusers"] = make_diffusers(toy_model, shape)
         times = interleaved(fns, repeats)
-        row = dict(shape=shape, **{k: med(v) for k, v in times.items()},
-                   sample_bare=paired_ratio(times, "sample", "bare"))
-        if torch is not None:
-            row["sample_diffusers"] = paired_ratio(times, "sample", "diffusers")
+        row = {"shape": shape, **{k: med(v) for k, v in times.items()},
+               "sample/bare": ratios(times, "sample", "bare"), "rotating/bare": ratios(times, "rotating", "bare"),
+               "sample/diffusers": ratios(times, "sample", "diffusers") if torch is not None else None}
         rows.append(row)
-        print(f"  toy {shape}: " + ", ".join(f"{k} {fmt_t(v) if isinstance(v, float) and k in fns else v}"
-                                            for k, v in row.items()), flush=True)
+        print(f"  {shape}: " + ", ".join(f"{k} {fmt_t(row[k])}" for k in fns) + ", "
+              + ", ".join(f"{k} {fmt_r(row[k])}" for k in ("sample/bare", "rotating/bare", "sample/diffusers")),
+              flush=True)
     return rows
 
 
 def bench_first_call(repeats):
+    """Per step count: cold (jax caches and deis_jax's table cache cleared) and jit-only (tables cached)."""
     events = []
     jax.monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.append((name, secs)))
     tables_cache = getattr(deis_jax.solver, "_tables", None)
     key = jax.random.key(0)
-    results = {n: [] for n in FIRST_CALL_STEPS}
+
+    def first_call(make, clear_tables):
+        jax.clear_caches()
+        if clear_tables and hasattr(tables_cache, "cache_clear"):
+            tables_cache.cache_clear()
+        events.clear()
+        t0 = time.perf_counter()
+        make()(key).block_until_ready()
+        total = time.perf_counter() - t0
+        compiles = [secs for name, secs in events if name.endswith("backend_compile_duration")]
+        return dict(total=total, compile=sum(compiles), n_compiles=len(compiles))
+
+    cases = {f"{n} steps, cold": (lambda n=n: make_sample(toy_model, FIRST_CALL_SHAPE, n), True)
+             for n in FIRST_CALL_STEPS}
+    cases.update({f"{n} steps, tables cached": (lambda n=n: make_sample(toy_model, FIRST_CALL_SHAPE, n), False)
+                  for n in FIRST_CALL_STEPS})
+    cases["jax.random.normal alone"] = (lambda: jax.jit(lambda k: jax.random.normal(k, FIRST_CALL_SHAPE)), False)
+    runs = {name: [] for name in cases}
     for _ in range(repeats):
-        for n in FIRST_CALL_STEPS:
-            jax.clear_caches()
-            if hasattr(tables_cache, "cache_clear"):
-                tables_cache.cache_clear()
-            events.clear()
-            t0 = time.perf_counter()
-            make_sample(toy_model, FIRST_CALL_SHAPE, n)(key).block_until_ready()
-            total = time.perf_counter() - t0
-            split = {"trace": 0.0, "lower": 0.0, "compile": 0.0}
-            for name, secs in events:
-                if name.endswith("jaxpr_trace_duration"):
-                    split["trace"] += secs
-                elif name.endswith("jaxpr_to_mlir_module_duration"):
-                    split["lower"] += secs
-                elif name.endswith("backend_compile_duration"):
-                    split["compile"] += secs
-            results[n].append(dict(total=total, **split))
+        for n in FIRST_CALL_STEPS:  # interleave 10/20/50, cold then cached
+            for name in (f"{n} steps, cold", f"{n} steps, tables cached"):
+                runs[name].append(first_call(*cases[name]))
+        runs["jax.random.normal alone"].append(first_call(*cases["jax.random.normal alone"]))
     rows = []
-    for n, runs in results.items():
-        row = {"steps": n, **{k: med([r[k] for r in runs]) for k in runs[0]},
-               "max": max(r["total"] for r in runs)}
+    for name, rs in runs.items():
+        row = dict(name=name, total=med([r["total"] for r in rs]), max=max(r["total"] for r in rs),
+                   compile=med([r["compile"] for r in rs]), n_compiles=rs[0]["n_compiles"])
         rows.append(row)
-        print(f"  first call {n} steps: total {row['total']:.3f} s (trace {row['trace']:.3f}, lower "
-              f"{row['lower']:.3f}, compile {row['compile']:.3f}; max {row['max']:.3f})", flush=True)
+        print(f"  {name}: {row['total']:.3f} s (max {row['max']:.3f}; XLA compile {row['compile']:.3f} s in "
+              f"{row['n_compiles']} executables)", flush=True)
     return rows
 
 
@@ -296,24 +325,27 @@ def bench_memory():
     shape = MEMORY_SHAPE
     sample_bytes = math.prod(shape) * 4
     key = jax.random.key(0)
-    noise = jnp.zeros(shape, jnp.float32)
     cases = {
-        "deis_jax.sample (key -> x)": (make_sample(toy_model, shape), (key,)),
+        "deis_jax.sample (key -> x)": (make_sample(toy_model, shape), key),
         "deis_jax.sample_from_noise (noise -> x)": (
             jax.jit(lambda z: deis_jax.sample_from_noise(toy_model, z, config=CONFIG, num_inference_steps=STEPS)),
-            (noise,)),
-        "bare scan (key -> x)": (make_bare(toy_model, shape), (key,)),
+            jnp.zeros(shape, jnp.float32)),
+        "deis_jax.sample_from_noise, noise donated": (
+            jax.jit(lambda z: deis_jax.sample_from_noise(toy_model, z, config=CONFIG, num_inference_steps=STEPS),
+                    donate_argnums=0),
+            jnp.zeros(shape, jnp.float32)),
+        "bare scan (key -> x)": (make_bare(toy_model, shape), key),
+        "jax.random.normal alone (key -> noise)": (jax.jit(lambda k: jax.random.normal(k, shape)), key),
     }
     rows = []
-    for name, (f, args) in cases.items():
-        m = f.lower(*args).compile().memory_analysis()
-        parts = dict(temp=m.temp_size_in_bytes, output=m.output_size_in_bytes, argument=m.argument_size_in_bytes,
-                     alias=m.alias_size_in_bytes)
-        total = parts["temp"] + parts["output"] + parts["argument"]
-        rows.append(dict(name=name, samples=total / sample_bytes, **{k: v / sample_bytes for k, v in parts.items()}))
-        print(f"  memory {name}: {total / sample_bytes:.4f} samples "
-              f"(temp {parts['temp'] / sample_bytes:.4f}, out {parts['output'] / sample_bytes:.4f}, "
-              f"arg {parts['argument'] / sample_bytes:.6f})", flush=True)
+    for name, (f, arg) in cases.items():
+        m = f.lower(arg).compile().memory_analysis()
+        row = dict(name=name, temp=m.temp_size_in_bytes / sample_bytes, output=m.output_size_in_bytes / sample_bytes,
+                   argument=m.argument_size_in_bytes / sample_bytes, alias=m.alias_size_in_bytes / sample_bytes)
+        row["peak"] = row["temp"] + row["output"] + row["argument"] - row["alias"]
+        rows.append(row)
+        print(f"  {name}: {row['peak']:.4f} samples (temp {row['temp']:.4f}, output {row['output']:.4f}, "
+              f"argument {row['argument']:.6f})", flush=True)
     return rows
 
 
@@ -322,44 +354,43 @@ def bench_real(repeats):
     shape = (n, h, w, c)  # NHWC for flax
     model_fn, params = make_flax_model(c)
     key = jax.random.key(0)
-    f_sample = make_sample(model_fn, shape)
-    f_bare = make_bare(model_fn, shape)
+    f_sample, f_bare = make_sample(model_fn, shape), make_bare(model_fn, shape)
     fns = {"sample": lambda: f_sample(key, params), "bare": lambda: f_bare(key, params)}
     if torch is not None:
         tmodel = make_torch_model(c)
         fns["diffusers"] = make_diffusers(tmodel, REAL_SHAPE_NCHW)
         fns["torch model only"] = make_torch_model_only(tmodel, REAL_SHAPE_NCHW)
     times = interleaved(fns, repeats)
-    row = dict({k: med(v) for k, v in times.items()}, sample_bare=paired_ratio(times, "sample", "bare"))
+    row = {k: med(v) for k, v in times.items()}
+    row["sample/bare"] = ratios(times, "sample", "bare")
     if torch is not None:
-        row["sample_diffusers"] = paired_ratio(times, "sample", "diffusers")
-        row["diffusers_sched_share"] = 1 - paired_ratio(times, "torch model only", "diffusers")
-    row["deis_sched_share"] = 1 - paired_ratio(times, "bare", "sample")
-    print("  real model: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        row["sample/diffusers"] = ratios(times, "sample", "diffusers")
+        row["torch model only/diffusers"] = ratios(times, "torch model only", "diffusers")
+    print("  " + ", ".join(f"{k} {fmt_t(v) if isinstance(v, float) else fmt_r(v)}" for k, v in row.items()), flush=True)
     return row
 
 
 # ----------------------------------------------------------------------------- report
 
-def machine():
-    versions = [f"jax {jax.__version__}"]
-    try:
-        import jaxlib
-        versions.append(f"jaxlib {jaxlib.__version__}")
-        import flax
-        versions.append(f"flax {flax.__version__}")
-    except ImportError:
-        pass
+def load():
+    return "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+def machine(load_at_start):
+    import flax
+    import jaxlib
+    versions = [f"jax {jax.__version__}", f"jaxlib {jaxlib.__version__}", f"flax {flax.__version__}"]
     if torch is not None:
         import diffusers
-        versions += [f"torch {torch.__version__} (threads {torch.get_num_threads()})",
-                     f"diffusers {diffusers.__version__}"]
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+        versions += [f"torch {torch.__version__} (set_num_threads(1))", f"diffusers {diffusers.__version__}"]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     return [
         f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"Machine: {platform.platform()}, {platform.machine()}, processor {platform.processor() or '?'}, "
-        f"os.cpu_count() = {os.cpu_count()} (usable {affinity}); shared with other work, so timings are noisy",
-        f"Python {platform.python_version()}; " + ", ".join(versions) + f"; JAX devices {jax.devices()}",
+        f"Machine: {platform.platform()} ({platform.machine()}, processor '{platform.processor() or '?'}'), "
+        f"os.cpu_count() = {os.cpu_count()}, usable {usable}; shared with other work, so timings are noisy "
+        f"(1/5/15-min load average {load_at_start} at start, {load()} at end)",
+        f"Python {platform.python_version()}; " + ", ".join(versions)
+        + f"; JAX devices {jax.devices()}, XLA with its default threads",
     ]
 
 
@@ -367,70 +398,71 @@ def verdict(ok):
     return "**met**" if ok else "**MISSED**"
 
 
-def report(args, repeats, check, toy, first, mem, real):
-    lines = ["# deis_jax speed benchmark", "", *[f"- {m}" for m in machine()],
-             f"- Command: `python benchmarks/speed.py{' --quick' if args.quick else ''}`; "
-             f"{repeats} interleaved timed rounds per table after 2 warm-up calls; medians; "
-             "ratios are medians of per-round ratios.",
-             f"- Sanity: bare scan vs deis_jax.sample max rel. diff {check[0]:.1e}"
-             + (f"; diffusers loop vs deis_jax.sample_from_noise (same noise) {check[1]:.1e}" if check[1] is not None
-                else ""),
-             ""]
+def report(args, load_at_start, repeats, first_repeats, errs, toy, first, mem, real):
+    out = ["# deis_jax speed benchmark", "", *[f"- {m}" for m in machine(load_at_start)],
+           f"- Command: `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}`: {repeats} interleaved rounds "
+           f"per timing table after 2 warm-up calls, {first_repeats} for first calls; times are medians, ratios are "
+           "the median [quartiles] of the per-round ratios.",
+           "- Agreement (max rel. diff vs deis_jax, shape (1, 4, 8, 8)): "
+           + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), ""]
     if torch is None:
-        lines += [f"diffusers/torch unavailable, skipped: {TORCH_ERROR}", ""]
+        out += [f"diffusers/torch unavailable, skipped: {TORCH_ERROR}", ""]
 
-    lines += ["## Near-free model `0.1 * x`, DEISConfig(solver_order=3), 20 steps", "",
-              "| shape | deis_jax.sample (jit) | bare scan (jit) | diffusers (torch, 1 thread) | sample/bare "
-              "| sample/diffusers |", "|---|---|---|---|---|---|"]
+    out += [f"## Near-free model `0.1 * x`, DEISConfig(solver_order={ORDER}), {STEPS} steps, one generation", "",
+            "bare = floor (ring of 3 outputs, in-place update); rotating = the same with a shifted (x, e1, e2) carry.",
+            "", "| shape | deis_jax.sample | bare scan | rotating scan | diffusers | sample/bare | rotating/bare "
+            "| sample/diffusers |", "|---|---|---|---|---|---|---|---|"]
     for r in toy:
-        d = r.get("diffusers")
-        lines.append(f"| {r['shape']} | {fmt_t(r['sample'])} | {fmt_t(r['bare'])} | {fmt_t(d) if d else 'n/a'} "
-                     f"| {r['sample_bare']:.2f} | {r['sample_diffusers']:.3f} |" if d else
-                     f"| {r['shape']} | {fmt_t(r['sample'])} | {fmt_t(r['bare'])} | n/a | {r['sample_bare']:.2f} | n/a |")
+        out.append(f"| {r['shape']} | {fmt_t(r['sample'])} | {fmt_t(r['bare'])} | {fmt_t(r['rotating'])} "
+                   f"| {fmt_t(r.get('diffusers'))} | {fmt_r(r['sample/bare'])} | {fmt_r(r['rotating/bare'])} "
+                   f"| {fmt_r(r['sample/diffusers'])} |")
 
-    lines += ["", f"## First call (fresh jit after jax.clear_caches(), shape {FIRST_CALL_SHAPE})", "",
-              "| steps | total (median) | trace | lower | compile | total (max) |", "|---|---|---|---|---|---|"]
+    out += ["", f"## First call of a fresh `jax.jit(sample)` (after jax.clear_caches()), shape {FIRST_CALL_SHAPE}", "",
+            "cold: deis_jax's table cache cleared too, as in a fresh process; tables cached: only the jit is new.", "",
+            "| case | total (median) | total (max) | XLA compile (median) | executables compiled |",
+            "|---|---|---|---|---|"]
     for r in first:
-        lines.append(f"| {r['steps']} | {r['total']:.3f} s | {r['trace']:.3f} s | {r['lower']:.3f} s "
-                     f"| {r['compile']:.3f} s | {r['max']:.3f} s |")
+        out.append(f"| {r['name']} | {r['total']:.3f} s | {r['max']:.3f} s | {r['compile']:.3f} s | {r['n_compiles']} |")
 
-    lines += ["", f"## Peak memory from `compile().memory_analysis()`, shape {MEMORY_SHAPE}, in samples "
-              f"({math.prod(MEMORY_SHAPE) * 4 / 2**20:.1f} MiB each)", "",
-              "| function | temp | output | argument | peak = temp + output + argument |", "|---|---|---|---|---|"]
+    out += ["", f"## Peak memory, `jit(f).lower(...).compile().memory_analysis()`, shape {MEMORY_SHAPE}, "
+            f"in samples of {math.prod(MEMORY_SHAPE) * 4 / 2**20:.1f} MiB", "",
+            "| function | temp | output | argument | alias | peak = temp + output + argument - alias |",
+            "|---|---|---|---|---|---|"]
     for r in mem:
-        lines.append(f"| {r['name']} | {r['temp']:.4f} | {r['output']:.4f} | {r['argument']:.6f} | {r['samples']:.4f} |")
+        out.append(f"| {r['name']} | {r['temp']:.4f} | {r['output']:.4f} | {r['argument']:.6f} | {r['alias']:.4f} "
+                   f"| {r['peak']:.4f} |")
 
     n, c, h, w = REAL_SHAPE_NCHW
-    lines += ["", f"## Small real model (3 convs x 32 ch + time embedding), shape {REAL_SHAPE_NCHW} NCHW "
-              f"/ {(n, h, w, c)} NHWC, 20 steps", "",
-              "| contender | time per generation |", "|---|---|"]
-    for k in ("sample", "bare", "diffusers", "torch model only"):
-        if k in real:
-            lines.append(f"| {k} | {fmt_t(real[k])} |")
-    lines += ["", f"- sample/bare = {real['sample_bare']:.3f}; deis_jax scheduler share of the run "
-              f"(1 - bare/sample) = {100 * real['deis_sched_share']:.1f}%"]
-    if "sample_diffusers" in real:
-        lines += [f"- sample/diffusers = {real['sample_diffusers']:.3f}; diffusers scheduler share "
-                  f"(1 - model only/diffusers) = {100 * real['diffusers_sched_share']:.1f}%"]
-
-    worst_bare = max(r["sample_bare"] for r in toy)
-    firsts = {r["steps"]: r["total"] for r in first}
-    growth = firsts[FIRST_CALL_STEPS[-1]] / firsts[FIRST_CALL_STEPS[0]]
-    peak = mem[0]["samples"]
-    lines += ["", "## Targets", "",
-              f"- sample/bare <= 1.3 at every shape: worst {worst_bare:.2f} -> {verdict(worst_bare <= 1.3)}"]
+    out += ["", f"## Small real model (3 convs x 32 channels + time embedding), {STEPS} steps, "
+            f"{REAL_SHAPE_NCHW} NCHW (torch) / {(n, h, w, c)} NHWC (Flax NNX)", "",
+            "| contender | time per generation |", "|---|---|"]
+    out += [f"| {k} | {fmt_t(real[k])} |" for k in ("sample", "bare", "diffusers", "torch model only") if k in real]
+    share = 1 - real["sample/bare"][0] ** -1
+    out += ["", f"- sample/bare = {fmt_r(real['sample/bare'])}: deis_jax's scheduler cost above the floor is "
+            f"{100 * share:.1f}% of the run"]
     if torch is not None:
-        worst_d = max(r["sample_diffusers"] for r in toy)
-        lines.append(f"- sample/diffusers <= 0.5 at every shape: worst {worst_d:.3f} -> {verdict(worst_d <= 0.5)}")
+        out += [f"- sample/diffusers = {fmt_r(real['sample/diffusers'])}; diffusers' scheduler is "
+                f"{100 * (1 - real['torch model only/diffusers'][0]):.1f}% of its run (1 - model only / diffusers)"]
+
+    worst_bare = max(r["sample/bare"][0] for r in toy)
+    cold = {n: next(r["total"] for r in first if r["name"] == f"{n} steps, cold") for n in FIRST_CALL_STEPS}
+    growth = cold[FIRST_CALL_STEPS[-1]] / cold[FIRST_CALL_STEPS[0]]
+    peak = mem[0]["peak"]
+    out += ["", "## Targets", "",
+            f"- sample/bare <= 1.3 at every shape: worst {worst_bare:.3f} -> {verdict(worst_bare <= 1.3)}"]
+    if torch is not None:
+        worst_d = max(r["sample/diffusers"][0] for r in toy)
+        out.append(f"- sample/diffusers <= 0.5 at every shape: worst {worst_d:.3f} -> {verdict(worst_d <= 0.5)}")
     else:
-        lines.append("- sample/diffusers <= 0.5: not measured (diffusers/torch unavailable)")
-    lines += [f"- first call <= 3 s for 10/20/50 steps: worst median {max(firsts.values()):.2f} s -> "
-              f"{verdict(max(firsts.values()) <= 3)}",
-              f"- first call not growing with step count (50-step / 10-step <= 1.25): {growth:.2f} -> "
-              f"{verdict(growth <= 1.25)}",
-              f"- peak loop memory <= solver_order + 4 = {ORDER + 4} samples (deis_jax.sample): {peak:.4f} -> "
-              f"{verdict(peak <= ORDER + 4)}"]
-    return "\n".join(lines) + "\n"
+        out.append("- sample/diffusers <= 0.5: not measured (diffusers/torch unavailable)")
+    out += [f"- first call <= 3 s for 10/20/50 steps (cold): worst median {max(cold.values()):.2f} s -> "
+            f"{verdict(max(cold.values()) <= 3)}",
+            f"- first call not growing with step count (cold 50-step / 10-step <= 1.25): {growth:.2f} -> "
+            f"{verdict(growth <= 1.25)}",
+            f"- peak loop memory of deis_jax.sample <= solver_order + 4 = {ORDER + 4} samples: {peak:.4f} -> "
+            f"{verdict(peak <= ORDER + 4)}" + (f" (over by {(peak - ORDER - 4) * math.prod(MEMORY_SHAPE) * 4:.0f} bytes)"
+                                               if peak > ORDER + 4 else "")]
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
@@ -438,11 +470,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "speed_results.md"))
     args = parser.parse_args(argv)
-    repeats, first_repeats = (3, 1) if args.quick else (15, 5)
+    repeats, first_repeats = (3, 1) if args.quick else (21, 5)
+    load_at_start = load()
 
-    jax.jit(lambda x: x + 1)(jnp.ones(2)).block_until_ready()  # backend start-up is not a "first call"
-    print("checking the contenders agree ...", flush=True)
-    check = check_bare_matches(SHAPES[0])
+    jax.jit(lambda x: x + 1)(jnp.ones(2)).block_until_ready()  # backend start-up is not part of any first call
+    print("agreement ...", flush=True)
+    errs = check_agreement(SHAPES[0])
     print("near-free model ...", flush=True)
     toy = bench_toy(repeats)
     print("first call ...", flush=True)
@@ -451,7 +484,7 @@ def main(argv=None):
     mem = bench_memory()
     print("real model ...", flush=True)
     real = bench_real(repeats)
-    text = report(args, repeats, check, toy, first, mem, real)
+    text = report(args, load_at_start, repeats, first_repeats, errs, toy, first, mem, real)
     with open(args.out, "w") as f:
         f.write(text)
     print("\n" + text + f"\nwritten to {args.out}")

@@ -24,6 +24,8 @@ The other variants of the paper change only the integral (the weights):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +106,7 @@ def _exp_integral_operator(num_nodes: int, dtype) -> jnp.ndarray:
     return jnp.asarray(op, dtype)
 
 
-def _basis_per_step(coord: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+def _basis_per_step(coord: jnp.ndarray, orders: jnp.ndarray, max_order: int) -> jnp.ndarray:
     """Lagrange basis [N, K, K] in v = coord - coord_i through coord_i, coord_{i-1}, ... (k_i of them)."""
     n = coord.shape[0] - 1
     lag = np.arange(max_order)
@@ -133,12 +135,12 @@ def rhoab_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.
     return jnp.sum(p * delta ** (m + 1) / (m + 1), axis=-1)
 
 
-def ipndm_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+def ipndm_weights(rhos: jnp.ndarray, orders: jnp.ndarray, max_order: int) -> jnp.ndarray:
     """(rho_{i+1} - rho_i) times the Adams-Bashforth weights of order k_i."""
-    ab = np.zeros((len(orders), max_order))
-    for i, k in enumerate(orders):
-        ab[i, :k] = ADAMS_BASHFORTH[int(k)]
-    return (rhos[1:] - rhos[:-1])[:, None] * jnp.asarray(ab, rhos.dtype)
+    table = np.zeros((len(ADAMS_BASHFORTH) + 1, max(ADAMS_BASHFORTH)))
+    for k, weights in ADAMS_BASHFORTH.items():
+        table[k, :k] = weights
+    return (rhos[1:] - rhos[:-1])[:, None] * jnp.asarray(table[:, :max_order], rhos.dtype)[orders]
 
 
 def time_of_log_rho(config: DEISConfig, u: np.ndarray) -> np.ndarray:
@@ -177,16 +179,20 @@ def _quadrature_points(config: DEISConfig, log_rho: np.ndarray):
     return np.repeat(np.asarray(steps), len(x)), u.ravel(), weight.ravel()
 
 
-def tab_weights(config: DEISConfig, rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
-    """Integrals of ell_j(t) over [rho_i, rho_{i+1}] = int ell_j(t(u)) e^u du, by Gauss-Legendre."""
-    dtype = rhos.dtype
-    log_rho = np.log(np.asarray(rhos, np.float64))
+def tab_quadrature(config: DEISConfig, rhos: np.ndarray) -> dict[str, np.ndarray]:
+    """Host-side quadrature data for tAB: node times t_i, and per point its step, t - t_step and
+    weight * e^u (float64)."""
+    log_rho = np.log(rhos)
     times = time_of_log_rho(config, log_rho)
-    p = _basis_per_step(jnp.asarray(times, dtype), orders, max_order)
     step, u, weight = _quadrature_points(config, log_rho)
-    v = jnp.asarray(time_of_log_rho(config, u) - times[step], dtype)
-    integrand = _polyval(p[step], v[:, None, None]) * jnp.asarray(weight * np.exp(u), dtype)[:, None]
-    return jax.ops.segment_sum(integrand, jnp.asarray(step), num_segments=len(orders))
+    return dict(times=times, step=step, v=time_of_log_rho(config, u) - times[step], weight=weight * np.exp(u))
+
+
+def tab_weights(quad: dict[str, jnp.ndarray], orders: jnp.ndarray, max_order: int) -> jnp.ndarray:
+    """Integrals of ell_j(t) over [rho_i, rho_{i+1}] = int ell_j(t(u)) e^u du, by Gauss-Legendre."""
+    p = _basis_per_step(quad["times"], orders, max_order)
+    integrand = _polyval(p[quad["step"]], quad["v"][:, None, None]) * quad["weight"][:, None]
+    return jax.ops.segment_sum(integrand, quad["step"], num_segments=orders.shape[0])
 
 
 MULTISTEP_WEIGHTS = {"logrho": logrho_weights, "rhoab": rhoab_weights, "ipndm": ipndm_weights}
@@ -220,20 +226,34 @@ def _rho_from_sigma(config: DEISConfig, sigmas: np.ndarray) -> np.ndarray:
     return sigmas / (1.0 - sigmas) if config.use_flow_sigmas else sigmas
 
 
-def build(config: DEISConfig, timesteps: np.ndarray, sigmas: np.ndarray, begin_index: int, dtype):
-    """Per evaluation e: timesteps, sigmas [E + 1], orders, alpha_t, sigma_t, a and lag weights c [E, K]."""
+@functools.partial(jax.jit, static_argnames="config")
+def _device_tables(config: DEISConfig, sigmas: jnp.ndarray, orders: jnp.ndarray, extra):
+    """The jnp part of `build`, compiled once per (config, step count)."""
+    alpha, sigma = schedule.alpha_sigma(config, sigmas)
     if config.solver_type == "rhork":
-        timesteps, sigmas, lag_weights, _ = _runge_kutta_grid(config, np.asarray(sigmas, np.float64))
+        integrals = extra
+    elif config.solver_type == "tab":
+        integrals = tab_weights(extra, orders, config.solver_order)
+    else:
+        integrals = MULTISTEP_WEIGHTS[config.solver_type](sigma / alpha, orders, config.solver_order)
+    return dict(alpha_t=alpha[:-1], sigma_t=sigma[:-1], a=alpha[1:] / alpha[:-1], c=alpha[1:, None] * integrals)
+
+
+def build(config: DEISConfig, timesteps: np.ndarray, sigmas: np.ndarray, begin_index: int, dtype):
+    """Per evaluation e: timesteps, sigmas [E + 1], orders, alpha_t, sigma_t, a and lag weights c [E, K].
+
+    Grids, orders and quadrature points are placed on the host (float64); the weights are
+    computed in jnp, in `dtype`.
+    """
+    sigmas = np.asarray(sigmas, np.float64)
+    extra = None
+    if config.solver_type == "rhork":
+        timesteps, sigmas, extra, _ = _runge_kutta_grid(config, sigmas)
         orders = np.full(len(timesteps), config.solver_order)
     else:
         orders = effective_orders(config, sigmas, begin_index)
-    alpha, sigma = schedule.alpha_sigma(config, jnp.asarray(sigmas, dtype))
-    rhos = sigma / alpha
-    if config.solver_type == "rhork":
-        integrals = jnp.asarray(lag_weights, dtype)
-    elif config.solver_type == "tab":
-        integrals = tab_weights(config, rhos, orders, config.solver_order)
-    else:
-        integrals = MULTISTEP_WEIGHTS[config.solver_type](rhos, orders, config.solver_order)
-    return dict(timesteps=timesteps, sigmas=sigmas, orders=orders, alpha_t=alpha[:-1], sigma_t=sigma[:-1],
-                a=alpha[1:] / alpha[:-1], c=alpha[1:, None] * integrals)
+        if config.solver_type == "tab":
+            extra = tab_quadrature(config, _rho_from_sigma(config, sigmas))
+    extra = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.int32 if v.dtype.kind == "i" else dtype), extra)
+    tables = _device_tables(config, jnp.asarray(sigmas, dtype), jnp.asarray(orders, jnp.int32), extra)
+    return dict(timesteps=timesteps, sigmas=sigmas, orders=orders, **tables)

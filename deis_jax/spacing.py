@@ -99,6 +99,7 @@ def _strictly_decreasing(t: np.ndarray, top: int) -> np.ndarray:
     t = np.clip(t, 0, top)
     for j in range(len(t) - 2, -1, -1):  # from the low end up
         t[j] = max(t[j], t[j + 1] + 1)
+    t[0] = min(t[0], top)
     for j in range(1, len(t)):  # and back down from the top
         t[j] = min(t[j], t[j - 1] - 1)
     return t

@@ -3,7 +3,7 @@
 The noise schedule is `DEISConfig()`'s (linear betas 1e-4..0.02, 1000 steps), so the
 weights can be sampled with `deis_jax.sample`. An EMA of the parameters is what gets saved.
 
-    python examples/train_digits.py --steps 4000 --batch-size 128 --seed 0 --out deis_jax/assets/digits_unet.npz
+    python examples/train_digits.py --steps 6000 --batch-size 64 --seed 0 --out deis_jax/assets/digits_unet.npz
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def digits_dataset() -> np.ndarray:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--ema", type=float, default=0.9995, help="EMA decay of the saved weights")
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--out", default=DEFAULT_WEIGHTS)
     return p.parse_args(argv)

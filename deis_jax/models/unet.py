@@ -1,7 +1,6 @@
 """A small time-conditioned UNet (Flax NNX) for 8x8x1 images, and its .npz weight I/O.
 
 Layout: stem conv -> ResBlock @8x8 (skip) -> stride-2 conv -> 2 ResBlocks @4x4 ->
-self-attention between them ->
 nearest upsample + conv -> concat skip -> ResBlock @8x8 -> GroupNorm/SiLU/conv head.
 Each ResBlock adds a projection of the sinusoidal timestep embedding.
 Weights are stored as a flat dict "path/to/param" -> float32 array.
@@ -47,24 +46,10 @@ class ResBlock(nnx.Module):
         return h + (x if self.skip is None else self.skip(x))
 
 
-class Attention(nnx.Module):
-    """Pre-norm multi-head self-attention over the spatial positions, with a residual."""
-
-    def __init__(self, ch: int, heads: int = 4, *, rngs: nnx.Rngs):
-        self.norm = nnx.GroupNorm(ch, num_groups=8, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(heads, ch, out_kernel_init=nnx.initializers.zeros_init(),
-                                           decode=False, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        y = self.norm(x).reshape(b, h * w, c)
-        return x + self.attn(y).reshape(b, h, w, c)
-
-
 class DigitsUNet(nnx.Module):
     """eps-prediction UNet for [B, 8, 8, 1] inputs; `model(x, t)` with t a scalar or [B] timesteps."""
 
-    def __init__(self, ch: int = 32, temb_dim: int = 64, *, rngs: nnx.Rngs):
+    def __init__(self, ch: int = 32, temb_dim: int = 128, *, rngs: nnx.Rngs):
         self.temb_dim = temb_dim
         self.temb1 = nnx.Linear(temb_dim, temb_dim, rngs=rngs)
         self.temb2 = nnx.Linear(temb_dim, temb_dim, rngs=rngs)
@@ -72,7 +57,6 @@ class DigitsUNet(nnx.Module):
         self.enc = ResBlock(ch, ch, temb_dim, rngs=rngs)
         self.down = nnx.Conv(ch, 2 * ch, (3, 3), strides=(2, 2), rngs=rngs)
         self.mid1 = ResBlock(2 * ch, 2 * ch, temb_dim, rngs=rngs)
-        self.attn = Attention(2 * ch, rngs=rngs)
         self.mid2 = ResBlock(2 * ch, 2 * ch, temb_dim, rngs=rngs)
         self.up = nnx.Conv(2 * ch, ch, (3, 3), rngs=rngs)
         self.dec = ResBlock(2 * ch, ch, temb_dim, rngs=rngs)
@@ -87,7 +71,7 @@ class DigitsUNet(nnx.Module):
         h = self.stem(x)
         skip = self.enc(h, temb)
         h = self.down(skip)
-        h = self.mid2(self.attn(self.mid1(h, temb)), temb)
+        h = self.mid2(self.mid1(h, temb), temb)
         h = jax.image.resize(h, (b, *skip.shape[1:3], h.shape[-1]), "nearest")
         h = self.up(h)
         h = self.dec(jnp.concatenate([h, skip], axis=-1), temb)
