@@ -7,7 +7,15 @@ from deis_jax.config import (
     TIMESTEP_SPACINGS as TIMESTEP_SPACINGS,
     DEISConfig as DEISConfig,
 )
-from deis_jax.sampling import sample as sample, sample_from_noise as sample_from_noise
+from deis_jax.guidance import classifier_free_guidance as classifier_free_guidance
+from deis_jax.sampling import (
+    NonFiniteError as NonFiniteError,
+    img2img as img2img,
+    run_loop as run_loop,
+    sample as sample,
+    sample_from_noise as sample_from_noise,
+    strength_begin_index as strength_begin_index,
+)
 from deis_jax.solver import (
     DEISState as DEISState,
     add_noise as add_noise,
@@ -27,12 +35,17 @@ __all__ = [
     "TIMESTEP_SPACINGS",
     "DEISConfig",
     "DEISState",
+    "NonFiniteError",
     "add_noise",
+    "classifier_free_guidance",
     "convert_model_output",
+    "img2img",
+    "run_loop",
     "sample",
     "sample_from_noise",
     "scale_model_input",
     "set_begin_index",
     "set_timesteps",
     "step",
+    "strength_begin_index",
 ]

@@ -53,8 +53,8 @@ def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -
 
     k_i = min(solver_order, steps taken since begin_index + 1), lowered to 1 and 2 on the
     last two steps when `lower_order_final` and N < 15, and lowered further so that the
-    interpolation nodes sigma_i, sigma_{i-1}, ... are distinct (repeated sigmas would make
-    the Lagrange basis divide by zero).
+    interpolation nodes sigma_i, sigma_{i-1}, ... are finite and distinct (repeated sigmas would
+    make the Lagrange basis divide by zero; sigma = inf is a zero-SNR start).
     """
     n = len(sigmas) - 1
     k = np.minimum(config.solver_order, np.maximum(np.arange(n) - begin_index, 0) + 1)
@@ -63,7 +63,7 @@ def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -
         k[-2:] = np.minimum(k[-2:], 2)
     for i in range(n):
         for j in range(1, k[i]):
-            if np.any(sigmas[i - j] == sigmas[i - j + 1 : i + 1]):
+            if not np.isfinite(sigmas[i - j]) or np.any(sigmas[i - j] == sigmas[i - j + 1 : i + 1]):
                 k[i] = j
                 break
     return k
@@ -236,11 +236,21 @@ def _device_tables(config: DEISConfig, sigmas: jnp.ndarray, orders: jnp.ndarray,
         integrals = tab_weights(extra, orders, config.solver_order)
     else:
         integrals = MULTISTEP_WEIGHTS[config.solver_type](sigma / alpha, orders, config.solver_order)
-    return dict(alpha_t=alpha[:-1], sigma_t=sigma[:-1], a=alpha[1:] / alpha[:-1], c=alpha[1:, None] * integrals)
+    # A step from rho = inf (zero SNR, alpha = 0) is the limit of DDIM: x' = alpha' x0 + sigma' eps.
+    from_inf = jnp.isinf(sigmas[:-1])
+    first_lag = jnp.arange(integrals.shape[1]) == 0
+    return dict(
+        alpha_t=alpha[:-1], sigma_t=sigma[:-1],
+        a=jnp.where(from_inf, 0.0, alpha[1:] / alpha[:-1]),
+        b=jnp.where(from_inf, alpha[1:], 0.0),
+        c=jnp.where(from_inf[:, None], first_lag * sigma[1:, None], alpha[1:, None] * integrals),
+    )
 
 
 def build(config: DEISConfig, timesteps: np.ndarray, sigmas: np.ndarray, begin_index: int, dtype):
-    """Per evaluation e: timesteps, sigmas [E + 1], orders, alpha_t, sigma_t, a and lag weights c [E, K].
+    """Per evaluation e: timesteps, sigmas [E + 1], orders, alpha_t, sigma_t, a, b and lag weights c [E, K].
+
+    x_{e+1} = a_e x_e + b_e x0_e + sum_j c_{e,j} eps_{e-j}; b is nonzero only on a step from rho = inf.
 
     Grids, orders and quadrature points are placed on the host (float64); the weights are
     computed in jnp, in `dtype`.

@@ -171,6 +171,11 @@ class DEISConfig:
         elif self.t_max is not None:
             _fail("t_max", self.t_max, "is only used with a continuous time_schedule; leave it None")
 
+        if (self.trained_betas is not None and self.trained_betas[-1] == 1.0
+                and self.prediction_type in ("sample", "v_prediction") and self.solver_type in ("tab", "rhork")):
+            _fail("solver_type", self.solver_type, "a zero-terminal-SNR schedule (last trained beta = 1) with "
+                  "sample/v prediction needs 'logrho', 'rhoab' or 'ipndm' (their first step is the exact limit)")
+
         chosen = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
                   if getattr(self, n)]
         if len(chosen) > 1:

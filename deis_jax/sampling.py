@@ -6,11 +6,82 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deis_jax.config import DEISConfig
-from deis_jax.solver import check_shape, scale_model_input, set_timesteps, step
+from deis_jax.schedule import alpha_sigma
+from deis_jax.solver import DEISState, check_shape, scale_model_input, set_timesteps, step
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by `sample(..., check_finite=True)` when the model output or the sample is NaN/inf."""
+
+
+def _progress_callback(total: int):
+    """A host callback that advances a tqdm bar by one step per call and closes it at the end."""
+    from tqdm.auto import tqdm
+
+    bar = {}
+
+    def update(_):
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc="DEIS", unit="step")
+        bar["bar"].update(1)
+        if bar["bar"].n >= total:
+            bar.pop("bar").close()
+
+    return update
+
+
+def _raise_non_finite(bad_output, bad_sample, timesteps):
+    """Host side of `check_finite`: name the first step whose model output or sample is not finite."""
+    for what, first in (("model output", int(bad_output)), ("sample", int(bad_sample))):
+        if first >= 0:
+            raise NonFiniteError(
+                f"the {what} became non-finite (NaN or inf) at step {first} (timestep {timesteps[first]})"
+            )
+
+
+def run_loop(
+    model_fn: ModelFn,
+    x: jax.Array,
+    state: DEISState,
+    begin_index: int = 0,
+    *,
+    progress: bool = False,
+    check_finite: bool = False,
+    remat: bool = False,
+) -> jax.Array:
+    """Run the steps of `state` from `begin_index` (its step index) on x as one lax.scan.
+
+    progress: a tqdm bar updated from inside the compiled loop (host callback).
+    check_finite: raise `NonFiniteError` naming the first non-finite step (one host callback at the end).
+    remat: `jax.checkpoint` the step, so reverse-mode memory does not hold every step's activations.
+    """
+    timesteps = state.timesteps[begin_index:]
+    update = _progress_callback(len(timesteps)) if progress else None
+
+    def body(carry, t):
+        x, state, bad = carry
+        model_output = model_fn(scale_model_input(state, x, t), t)
+        new_x, new_state = step(state, model_output, t, x)
+        if update is not None:
+            jax.debug.callback(update, state.step_index)
+        if check_finite:
+            i = state.step_index
+            flags = jnp.stack([~jnp.all(jnp.isfinite(model_output)), ~jnp.all(jnp.isfinite(new_x))])
+            bad = jnp.where((bad < 0) & flags, i, bad)
+        return (new_x, new_state, bad), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    bad = jnp.full((2,), -1, jnp.int32)
+    (x, _, bad), _ = jax.lax.scan(body, (x, state, bad), timesteps)
+    if check_finite:
+        jax.debug.callback(_raise_non_finite, bad[0], bad[1], np.asarray(state.timesteps))
+    return x
 
 
 def sample_from_noise(
@@ -20,22 +91,21 @@ def sample_from_noise(
     config: DEISConfig = DEISConfig(),
     num_inference_steps: int = 20,
     mu: float | None = None,
+    begin_index: int = 0,
+    progress: bool = False,
+    check_finite: bool = False,
+    remat: bool = False,
 ) -> jax.Array:
     """Solve the probability-flow ODE from `noise` (x_T) with DEIS; returns x_0 in `noise.dtype`.
 
-    `model_fn(x, t)` gets the sample and the timestep (a scalar array) and returns the
-    model output. The loop is one `lax.scan`, so its body is traced once.
+    `model_fn(x, t)` gets the sample and the timestep (a scalar array) and returns the model
+    output. The loop is one `lax.scan`, so its body is traced once. With `begin_index` the
+    given array is the sample at step `begin_index` (img2img); see `run_loop` for the flags.
     """
     noise = jnp.asarray(noise)
-    state = set_timesteps(config, num_inference_steps, noise.shape, mu, dtype=noise.dtype)
-
-    def body(carry, t):
-        x, state = carry
-        model_output = model_fn(scale_model_input(state, x, t), t)
-        return step(state, model_output, t, x), None
-
-    (x, _), _ = jax.lax.scan(body, (noise * state.init_noise_sigma, state), state.timesteps)
-    return x
+    state = set_timesteps(config, num_inference_steps, noise.shape, mu, dtype=noise.dtype, begin_index=begin_index)
+    return run_loop(model_fn, noise * state.init_noise_sigma, state, begin_index, progress=progress,
+                    check_finite=check_finite, remat=remat)
 
 
 def sample(
@@ -47,7 +117,46 @@ def sample(
     num_inference_steps: int = 20,
     dtype=jnp.float32,
     mu: float | None = None,
+    progress: bool = False,
+    check_finite: bool = False,
+    remat: bool = False,
 ) -> jax.Array:
     """Draw x_T ~ N(0, I) of `shape` and `dtype` from `key`, then `sample_from_noise`."""
     noise = jax.random.normal(key, check_shape(shape), dtype)
-    return sample_from_noise(model_fn, noise, config=config, num_inference_steps=num_inference_steps, mu=mu)
+    return sample_from_noise(model_fn, noise, config=config, num_inference_steps=num_inference_steps, mu=mu,
+                             progress=progress, check_finite=check_finite, remat=remat)
+
+
+def strength_begin_index(config: DEISConfig, num_inference_steps: int, strength: float) -> int:
+    """diffusers' img2img rule: skip the first N - int(N * strength) steps (of model evaluations
+    per step: 1, or solver_order for rhork)."""
+    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+        raise ValueError(f"strength={strength!r} is invalid: must be a number in (0, 1].")
+    init = min(int(num_inference_steps * strength), num_inference_steps)
+    if init == 0:
+        raise ValueError(f"strength={strength!r} is invalid: N * strength rounds down to 0 steps for "
+                         f"num_inference_steps={num_inference_steps}.")
+    per_step = config.solver_order if config.solver_type == "rhork" else 1
+    return (num_inference_steps - init) * per_step
+
+
+def img2img(
+    model_fn: ModelFn,
+    image: jax.Array,
+    noise: jax.Array,
+    *,
+    strength: float,
+    config: DEISConfig = DEISConfig(),
+    num_inference_steps: int = 20,
+    mu: float | None = None,
+    progress: bool = False,
+    check_finite: bool = False,
+) -> jax.Array:
+    """Noise `image` to the step where a `strength` fraction of the schedule remains, then solve
+    from there (diffusers' img2img semantics: `set_begin_index`, `add_noise` at that timestep)."""
+    image = jnp.asarray(image)
+    begin = strength_begin_index(config, num_inference_steps, strength)
+    state = set_timesteps(config, num_inference_steps, image.shape, mu, dtype=image.dtype, begin_index=begin)
+    alpha_t, sigma_t = alpha_sigma(config, state.sigmas[begin])  # diffusers: sigmas[begin_index]
+    x = (alpha_t * image + sigma_t * jnp.asarray(noise, state.sigmas.dtype)).astype(image.dtype)
+    return run_loop(model_fn, x, state, begin, progress=progress, check_finite=check_finite)

@@ -41,9 +41,27 @@ def betas(config: DEISConfig) -> np.ndarray:
     )
 
 
+ZERO_SNR_CLAMP = 2.0**-24  # the last alpha_bar other diffusers schedulers use for zero-SNR schedules
+
+
+def zero_terminal_snr(config: DEISConfig) -> bool:
+    """A trained schedule ending at alpha_bar = 0 (pure noise), kept exact: possible only when the
+    model determines x0 there (sample or v prediction: x0 = m or -m, eps = x at alpha = 0)."""
+    return (config.trained_betas is not None and config.trained_betas[-1] == 1.0
+            and config.prediction_type in ("sample", "v_prediction"))
+
+
 def alphas_cumprod(config: DEISConfig) -> np.ndarray:
-    """alpha_bar_t = prod_{s <= t} (1 - beta_s), accumulated in float64 and stored in float32."""
-    return np.cumprod(1.0 - betas(config), dtype=np.float64).astype(np.float32)
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), accumulated in float64 and stored in float32.
+
+    A final alpha_bar of 0 is kept when the prediction type determines x0 there
+    (`zero_terminal_snr`); for epsilon or flow prediction x0 = (x - sigma eps) / 0 is undefined,
+    so it is clamped to 2**-24 as diffusers' other schedulers do.
+    """
+    ac = np.cumprod(1.0 - betas(config), dtype=np.float64).astype(np.float32)
+    if ac[-1] == 0 and not zero_terminal_snr(config):
+        ac[-1] = ZERO_SNR_CLAMP
+    return ac
 
 
 def train_rhos(config: DEISConfig) -> np.ndarray:

@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax import coefficients, spacing
+from deis_jax import coefficients, schedule, spacing
 from deis_jax.config import DEISConfig
 from deis_jax.schedule import alpha_sigma
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "weights", "step_index",
+    data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "b", "weights", "step_index",
                  "model_outputs"],
     meta_fields=["config"],
 )
@@ -40,6 +40,7 @@ class DEISState:
     orders:        [N] int32, k_i: how many past outputs step i uses.
     alpha_t, sigma_t: [N], the noise levels at each step's start.
     a:             [N], alpha_{i+1} / alpha_i.
+    b:             [N], weight of x0 (nonzero only on a step from rho = inf, zero terminal SNR).
     weights:       [N, solver_order], weight of each history slot at step i.
     step_index:    int32 scalar, the next step to take.
     model_outputs: [solver_order, *shape], ring buffer of converted outputs (eps).
@@ -52,6 +53,7 @@ class DEISState:
     alpha_t: jax.Array
     sigma_t: jax.Array
     a: jax.Array
+    b: jax.Array
     weights: jax.Array
     step_index: jax.Array
     model_outputs: jax.Array
@@ -124,6 +126,7 @@ def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begi
             alpha_t=t["alpha_t"],
             sigma_t=t["sigma_t"],
             a=t["a"],
+            b=t["b"],
             weights=jnp.take_along_axis(t["c"], jnp.asarray(lag), axis=1),
         )
         return {k: np.asarray(v) for k, v in tables.items()}
@@ -188,20 +191,21 @@ def _check_output(state: DEISState, model_output: jax.Array, sample: jax.Array) 
             f"model_output.shape={model_output.shape} and sample.shape={sample.shape} must both equal "
             f"the shape given to set_timesteps, {shape}."
         )
+    if model_output.dtype != sample.dtype:
+        raise ValueError(
+            f"model_output.dtype={model_output.dtype} must equal sample.dtype={sample.dtype} "
+            f"(cast the model output, e.g. model_fn(x, t).astype(x.dtype))."
+        )
 
 
-def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.Array) -> jax.Array:
-    """The model output as noise eps at the current step (the quantity DEIS extrapolates).
-
-    x0 = (x - sigma_t m) / alpha_t (epsilon), m (sample), alpha_t x - sigma_t m (v_prediction),
-    x - s m (flow_prediction); optional dynamic thresholding of x0; eps = (x - alpha_t x0) / sigma_t.
-    """
+def _x0_and_eps(state: DEISState, model_output: jax.Array, sample: jax.Array):
+    """(x0, eps) from the model output at the current step; x0 is None when not needed."""
     _check_output(state, model_output, sample)
     config = state.config
     cdtype = state.model_outputs.dtype
     m, x = model_output.astype(cdtype), sample.astype(cdtype)
     if config.prediction_type == "epsilon" and not config.thresholding:
-        return m
+        return None, m
     i = state.step_index
     alpha_t, sigma_t = state.alpha_t[i], state.sigma_t[i]
     if config.prediction_type == "epsilon":
@@ -215,24 +219,38 @@ def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.
         x0 = x - sigma_t * m
     if config.thresholding:
         x0 = _threshold(config, x0)
-    return (x - alpha_t * x0) / sigma_t
+    return x0, (x - alpha_t * x0) / sigma_t
+
+
+def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.Array) -> jax.Array:
+    """The model output as noise eps at the current step (the quantity DEIS extrapolates).
+
+    x0 = (x - sigma_t m) / alpha_t (epsilon), m (sample), alpha_t x - sigma_t m (v_prediction),
+    x - s m (flow_prediction); optional dynamic thresholding of x0; eps = (x - alpha_t x0) / sigma_t.
+    For flow_prediction sigma_t is diffusers' `sigmas[i]` = s in both formulas (which for a VP
+    schedule is rho, not sigma_t: diffusers' behaviour, kept for parity).
+    """
+    return _x0_and_eps(state, model_output, sample)[1]
 
 
 def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample: jax.Array):
     """One DEIS step: returns (prev_sample, new_state). Pure and jit/scan-able.
 
+    x_{i+1} = a_i x_i + sum_slots weights[i, slot] history[slot] (+ b_i x0 on a zero-SNR start).
     The step index comes from `state.step_index`; `timestep` is accepted for diffusers'
     call signature and is not used to find it.
     """
     del timestep
     i = state.step_index
-    eps = convert_model_output(state, model_output, sample)
+    x0, eps = _x0_and_eps(state, model_output, sample)
     order = state.model_outputs.shape[0]
     history = jax.lax.dynamic_update_index_in_dim(state.model_outputs, eps, i % order, 0)
     w = state.weights[i]
     prev = state.a[i] * sample.astype(eps.dtype)
     for slot in range(order):
         prev = prev + w[slot] * history[slot]
+    if schedule.zero_terminal_snr(state.config):
+        prev = prev + state.b[i] * x0
     new_state = dataclasses.replace(state, step_index=i + 1, model_outputs=history)
     return prev.astype(sample.dtype), new_state
 
