@@ -6,7 +6,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from deis_jax.config import DEISConfig
 from deis_jax.schedule import alpha_sigma
@@ -80,7 +79,7 @@ def run_loop(
     bad = jnp.full((2,), -1, jnp.int32)
     (x, _, bad), _ = jax.lax.scan(body, (x, state, bad), timesteps)
     if check_finite:
-        jax.debug.callback(_raise_non_finite, bad[0], bad[1], np.asarray(state.timesteps))
+        jax.debug.callback(_raise_non_finite, bad[0], bad[1], state.timesteps)
     return x
 
 

@@ -1,0 +1,172 @@
+"""In a Flax user's hands: NNX and Linen models, guidance, img2img, progress, check_finite, gradients."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import deis_jax as dj
+from helpers import diffusers_trajectory, initial_noise, toy_model  # noqa: F401
+
+
+class TinyNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 2, kernel_size=(3, 3), rngs=rngs)
+        self.time = nnx.Linear(1, 2, rngs=rngs)
+
+    def __call__(self, x, t):
+        emb = self.time(jnp.reshape(t / 1000.0, (1, 1)).astype(x.dtype))
+        return self.conv(x) + emb[:, None, None, :]
+
+
+class TinyLinen(nn.Module):
+    @nn.compact
+    def __call__(self, x, t):
+        return nn.Conv(2, (3, 3))(x) * (1.0 + t / 1000.0)
+
+
+def test_nnx_module_under_nnx_jit_and_split_merge():
+    model = TinyNNX(nnx.Rngs(0))
+
+    @nnx.jit
+    def run(model, key):
+        return dj.sample(model, key, (2, 4, 4, 2), num_inference_steps=8)
+
+    a = run(model, jax.random.key(1))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run_split(state, key):
+        return dj.sample(nnx.merge(graphdef, state), key, (2, 4, 4, 2), num_inference_steps=8)
+
+    np.testing.assert_allclose(a, run_split(state, jax.random.key(1)), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(a).all()
+
+
+def test_linen_apply_closure():
+    model = TinyLinen()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)), 0)
+    run = jax.jit(lambda p, k: dj.sample(lambda x, t: model.apply(p, x, t), k, (2, 4, 4, 2), num_inference_steps=8))
+    out = run(params, jax.random.key(1))
+    assert out.shape == (2, 4, 4, 2) and np.isfinite(out).all()
+
+
+def test_classifier_free_guidance_one_batched_call():
+    calls = []
+
+    def model_fn(x, t, cond):
+        calls.append(x.shape)
+        return jnp.tanh(x) + cond[:, None]
+
+    guided = dj.classifier_free_guidance(model_fn, guidance_scale=7.5)
+    x, cond, uncond = jnp.ones((3, 4)), jnp.array([1.0, 2.0, 3.0]), jnp.zeros(3)
+    out = guided(x, 500, cond, uncond)
+    assert calls == [(6, 4)]
+    u, c = jnp.tanh(x) + uncond[:, None], jnp.tanh(x) + cond[:, None]
+    np.testing.assert_allclose(out, u + 7.5 * (c - u), rtol=1e-6)
+    sampled = dj.sample(lambda x, t: guided(x, t, cond, uncond), jax.random.key(0), (3, 4), num_inference_steps=5)
+    assert np.isfinite(sampled).all()
+
+
+def test_guidance_rescale_matches_diffusers():
+    torch = pytest.importorskip("torch")
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    rng = np.random.RandomState(0)
+    cond, guided = rng.randn(2, 3, 4, 4).astype(np.float32), 3 * rng.randn(2, 3, 4, 4).astype(np.float32)
+    ref = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(cond), guidance_rescale=0.7).numpy()
+    ours = dj.guidance.rescale_guidance(jnp.asarray(guided), jnp.asarray(cond), 0.7)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        dj.classifier_free_guidance(lambda x, t, c: x, 2.0, guidance_rescale=1.5)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_img2img_matches_diffusers(strength):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    n, config = 20, dj.DEISConfig(solver_order=3)
+    image, noise = initial_noise((2, 3, 4, 4)), initial_noise((2, 3, 4, 4), seed=1)
+    sched = diffusers.DEISMultistepScheduler(solver_order=3)
+    sched.set_timesteps(n)
+    t_start = n - min(int(n * strength), n)
+    timesteps = sched.timesteps[t_start:]
+    sched.set_begin_index(t_start)
+    x = sched.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1])
+    for t in timesteps:
+        x = sched.step(torch.from_numpy(np.asarray(toy_model(x.numpy(), float(t), xp=np))), t, x).prev_sample
+    ours = dj.img2img(toy_model, image, noise, strength=strength, config=config, num_inference_steps=n)
+    np.testing.assert_allclose(ours, x.numpy(), rtol=1e-4, atol=1e-4 * np.abs(x.numpy()).max())
+
+
+def test_img2img_bad_strength():
+    with pytest.raises(ValueError, match="strength"):
+        dj.img2img(toy_model, jnp.ones(3), jnp.ones(3), strength=0.01, num_inference_steps=10)
+    with pytest.raises(ValueError, match="strength"):
+        dj.img2img(toy_model, jnp.ones(3), jnp.ones(3), strength=1.5, num_inference_steps=10)
+
+
+def test_progress_bar_does_not_change_results(capsys):
+    run = functools.partial(dj.sample, toy_model, jax.random.key(0), (2, 3), num_inference_steps=12)
+    quiet, shown = jax.jit(run)(), jax.jit(functools.partial(run, progress=True))()
+    jax.effects_barrier()
+    np.testing.assert_array_equal(quiet, shown)
+    assert "12/12" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_check_finite_names_the_first_bad_step(jit):
+    def model_fn(x, t):  # NaN once the timestep drops below 500: the 10th of 20 steps (index 10)
+        return jnp.where(t < 500, jnp.nan, toy_model(x, t))
+
+    run = functools.partial(dj.sample, model_fn, jax.random.key(0), (2, 3), num_inference_steps=20, check_finite=True)
+    state = dj.set_timesteps(dj.DEISConfig(), 20, (2, 3))
+    first = int(np.argmax(np.asarray(state.timesteps) < 500))
+    with pytest.raises(Exception, match=f"model output became non-finite .* at step {first} "):
+        out = jax.jit(run)() if jit else run()
+        jax.block_until_ready(out)
+        jax.effects_barrier()
+    ok = dj.sample(toy_model, jax.random.key(0), (2, 3), num_inference_steps=20, check_finite=True)
+    jax.effects_barrier()
+    assert np.isfinite(ok).all()
+
+
+def test_grad_matches_finite_differences_in_float64_with_remat():
+    with jax.enable_x64(True):
+        noise = jnp.asarray(initial_noise((2, 3)).astype(np.float64))
+
+        def loss(scale, noise, remat):
+            model = lambda x, t: scale * toy_model(x, t)  # noqa: E731
+            out = dj.sample_from_noise(model, noise, config=dj.DEISConfig(solver_order=3),
+                                       num_inference_steps=10, remat=remat)
+            return jnp.sum(out**2)
+
+        g_scale, g_noise = jax.grad(loss, argnums=(0, 1))(0.7, noise, False)
+        g_scale_remat, g_noise_remat = jax.grad(loss, argnums=(0, 1))(0.7, noise, True)
+        eps = 1e-6
+        fd_scale = (loss(0.7 + eps, noise, False) - loss(0.7 - eps, noise, False)) / (2 * eps)
+        e = jnp.zeros_like(noise).at[1, 2].set(eps)
+        fd_noise = (loss(0.7, noise + e, False) - loss(0.7, noise - e, False)) / (2 * eps)
+    np.testing.assert_allclose(g_scale, fd_scale, rtol=1e-6)
+    np.testing.assert_allclose(g_noise[1, 2], fd_noise, rtol=1e-6)
+    np.testing.assert_allclose(g_scale_remat, g_scale, rtol=1e-10)
+    np.testing.assert_allclose(g_noise_remat, g_noise, rtol=1e-10)
+
+
+def test_remat_bounds_backward_memory():
+    """With remat the backward pass keeps the scan carry per step, not the model's activations."""
+    def heavy_model(x, t):  # 16 intermediate activations of x's size per step
+        h = x
+        for _ in range(16):
+            h = jnp.sin(h) * 1.01
+        return h
+
+    def temp_bytes(remat):
+        f = jax.grad(lambda z: jnp.sum(dj.sample_from_noise(heavy_model, z, num_inference_steps=50, remat=remat)))
+        return jax.jit(f).lower(jnp.ones((64, 64))).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(True) < 0.5 * temp_bytes(False)
