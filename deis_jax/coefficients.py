@@ -54,7 +54,8 @@ def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -
     k_i = min(solver_order, steps taken since begin_index + 1), lowered to 1 and 2 on the
     last two steps when `lower_order_final` and N < 15, and lowered further so that the
     interpolation nodes sigma_i, sigma_{i-1}, ... are finite and distinct (repeated sigmas would
-    make the Lagrange basis divide by zero; sigma = inf is a zero-SNR start).
+    make the Lagrange basis divide by zero; sigma = inf is a zero-SNR start, which iPNDM's fixed
+    weights can keep).
     """
     n = len(sigmas) - 1
     k = np.minimum(config.solver_order, np.maximum(np.arange(n) - begin_index, 0) + 1)
@@ -63,7 +64,8 @@ def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -
         k[-2:] = np.minimum(k[-2:], 2)
     for i in range(n):
         for j in range(1, k[i]):
-            if not np.isfinite(sigmas[i - j]) or np.any(sigmas[i - j] == sigmas[i - j + 1 : i + 1]):
+            at_infinity = not np.isfinite(sigmas[i - j]) and config.solver_type != "ipndm"
+            if at_infinity or np.any(sigmas[i - j] == sigmas[i - j + 1 : i + 1]):
                 k[i] = j
                 break
     return k
