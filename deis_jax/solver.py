@@ -29,11 +29,14 @@ from deis_jax.schedule import alpha_sigma
     jax.tree_util.register_dataclass,
     data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "b", "weights", "step_index",
                  "model_outputs"],
-    meta_fields=["config"],
+    meta_fields=["config", "requested_steps"],
 )
 @dataclasses.dataclass(frozen=True)
 class DEISState:
-    """Schedule and solver state, a pytree; `config` is static metadata.
+    """Schedule and solver state, a pytree; `config` and `requested_steps` are static metadata.
+
+    requested_steps: the `num_inference_steps` asked for (diffusers' trailing spacing can give one
+                   more step; `rhork` has solver_order evaluations per step).
 
     timesteps:     [N] int32, the timestep passed to the model at each step (diffusers' values).
     sigmas:        [N + 1], diffusers' `sigmas` (rho = sigma_t / alpha_t for VP schedules).
@@ -47,6 +50,7 @@ class DEISState:
     """
 
     config: DEISConfig
+    requested_steps: int
     timesteps: jax.Array
     sigmas: jax.Array
     orders: jax.Array
@@ -60,6 +64,7 @@ class DEISState:
 
     @property
     def num_inference_steps(self) -> int:
+        """Number of `step` calls (model evaluations) in the schedule, diffusers' `len(timesteps)`."""
         return self.timesteps.shape[0]
 
     @property
@@ -132,6 +137,14 @@ def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begi
         return {k: np.asarray(v) for k, v in tables.items()}
 
 
+def _check_begin_index(config: DEISConfig, evaluations: int, begin_index: int) -> None:
+    """begin_index counts `step` calls: for rhork, solver_order per step, and it must start a step."""
+    per_step = config.solver_order if config.solver_type == "rhork" else 1
+    if not (0 <= begin_index < evaluations and begin_index % per_step == 0):
+        extra = f" and a multiple of solver_order={per_step}" if per_step > 1 else ""
+        raise ValueError(f"begin_index={begin_index!r} is invalid: must be an int in 0..{evaluations - 1}{extra}.")
+
+
 def _compute_dtype(dtype) -> jnp.dtype:
     """Solver arithmetic is at least float32 (bfloat16/float16 samples are updated in float32)."""
     return jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32)
@@ -156,12 +169,14 @@ def set_timesteps(
     shape = check_shape(shape)
     n = _check_steps(config, num_inference_steps)
     mu = _check_mu(config, mu)
-    if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or not 0 <= begin_index < n:
-        raise ValueError(f"begin_index={begin_index!r} is invalid: must be an int in 0..{n - 1}.")
     cdtype = _compute_dtype(dtype)
+    if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)):
+        raise ValueError(f"begin_index={begin_index!r} is invalid: must be an int.")
     tables = _tables(config, n, mu, int(begin_index), cdtype.name)
+    _check_begin_index(config, len(tables["timesteps"]), begin_index)
     return DEISState(
         config=config,
+        requested_steps=n,
         step_index=jnp.asarray(begin_index, jnp.int32),
         model_outputs=jnp.zeros((config.solver_order, *shape), cdtype),
         **{k: jnp.asarray(v) for k, v in tables.items()},
@@ -171,7 +186,7 @@ def set_timesteps(
 def set_begin_index(state: DEISState, begin_index: int, mu: float | None = None) -> DEISState:
     """The same schedule started at step `begin_index`: warm-up restarts there, history is cleared."""
     return set_timesteps(
-        state.config, state.num_inference_steps, state.model_outputs.shape[1:], mu,
+        state.config, state.requested_steps, state.model_outputs.shape[1:], mu,
         dtype=state.model_outputs.dtype, begin_index=begin_index,
     )
 

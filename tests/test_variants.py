@@ -143,3 +143,22 @@ def test_continuous_config_validation():
 def test_public_lists():
     assert set(dj.SOLVER_TYPES) == {"logrho", "tab", "rhoab", "ipndm", "rhork"}
     assert set(dj.TIMESTEP_SPACINGS) == {"linspace", "leading", "trailing", "quadratic"}
+
+
+def test_rhork_begin_index_counts_evaluations():
+    state = dj.set_timesteps(dj.DEISConfig(solver_type="rhork", solver_order=2), 10, (2,))
+    assert int(dj.set_begin_index(state, 4).step_index) == 4
+    for bad in (3, 20):
+        with pytest.raises(ValueError, match="begin_index"):
+            dj.set_begin_index(state, bad)
+    out = dj.img2img(toy_model, jnp.ones(2), jnp.zeros(2), strength=0.5, num_inference_steps=10,
+                     config=state.config)
+    assert np.isfinite(out).all()
+
+
+def test_set_begin_index_keeps_the_requested_step_count():
+    """diffusers' trailing spacing gives 62 timesteps for 61 steps; re-planning must ask for 61 again."""
+    state = dj.set_timesteps(dj.DEISConfig(timestep_spacing="trailing"), 61, (1,))
+    again = dj.set_begin_index(state, 10)
+    assert state.num_inference_steps == again.num_inference_steps == 62
+    np.testing.assert_array_equal(state.timesteps, again.timesteps)
