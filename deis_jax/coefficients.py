@@ -266,6 +266,9 @@ def build(config: DEISConfig, timesteps: np.ndarray, sigmas: np.ndarray, begin_i
         orders = effective_orders(config, sigmas, begin_index)
         if config.solver_type == "tab":
             extra = tab_quadrature(config, _rho_from_sigma(config, sigmas))
-    extra = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.int32 if v.dtype.kind == "i" else dtype), extra)
-    tables = _device_tables(config, jnp.asarray(sigmas, dtype), jnp.asarray(orders, jnp.int32), extra)
-    return dict(timesteps=timesteps, sigmas=sigmas, orders=orders, **tables)
+    args = jax.tree_util.tree_map(
+        lambda v: np.asarray(v, np.int32 if v.dtype.kind == "i" else dtype),
+        (sigmas, orders, extra))
+    # Compiled ahead of time and called directly: it runs now, even while a caller's jit is tracing.
+    tables = _device_tables.lower(config, *args).compile()(*args)
+    return dict(timesteps=timesteps, sigmas=sigmas, orders=orders, **{k: np.asarray(v) for k, v in tables.items()})

@@ -118,23 +118,21 @@ def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begi
     transformation (pmap, a sharded jit) is never reused inside another.
     """
     timesteps, sigmas = spacing.timesteps_and_sigmas(config, num_inference_steps, mu)
-    with jax.ensure_compile_time_eval():
-        t = coefficients.build(config, timesteps, sigmas, begin_index, jnp.dtype(dtype))
-        n, order = t["c"].shape
-        # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
-        lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
-        time_dtype = np.int32 if np.issubdtype(t["timesteps"].dtype, np.integer) else dtype
-        tables = dict(
-            timesteps=t["timesteps"].astype(time_dtype),
-            sigmas=np.asarray(t["sigmas"]).astype(dtype),
-            orders=t["orders"].astype(np.int32),
-            alpha_t=t["alpha_t"],
-            sigma_t=t["sigma_t"],
-            a=t["a"],
-            b=t["b"],
-            weights=jnp.take_along_axis(t["c"], jnp.asarray(lag), axis=1),
-        )
-        return {k: np.asarray(v) for k, v in tables.items()}
+    t = coefficients.build(config, timesteps, sigmas, begin_index, np.dtype(dtype))
+    n, order = t["c"].shape
+    # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
+    lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
+    time_dtype = np.int32 if np.issubdtype(t["timesteps"].dtype, np.integer) else dtype
+    return dict(
+        timesteps=t["timesteps"].astype(time_dtype),
+        sigmas=t["sigmas"].astype(dtype),
+        orders=t["orders"].astype(np.int32),
+        alpha_t=t["alpha_t"],
+        sigma_t=t["sigma_t"],
+        a=t["a"],
+        b=t["b"],
+        weights=np.take_along_axis(t["c"], lag, axis=1),
+    )
 
 
 def _check_begin_index(config: DEISConfig, evaluations: int, begin_index: int) -> None:
