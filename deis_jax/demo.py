@@ -12,7 +12,6 @@ import time
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.config import DEISConfig

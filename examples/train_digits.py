@@ -23,7 +23,8 @@ from sklearn.datasets import load_digits
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deis_jax  # noqa: E402
-from deis_jax.models.unet import DEFAULT_WEIGHTS, DigitsUNet, save_state  # noqa: E402
+from deis_jax.models.unet import DEFAULT_WEIGHTS, DigitsUNet  # noqa: E402
+from deis_jax.models.weights import save_state  # noqa: E402
 
 
 def digits_dataset() -> np.ndarray:

@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deis_jax.models.classifier import DEFAULT_CLASSIFIER_WEIGHTS, DigitsClassifier  # noqa: E402
-from deis_jax.models.unet import save_state  # noqa: E402
+from deis_jax.models.weights import save_state  # noqa: E402
 
 
 def digits_with_labels() -> tuple[np.ndarray, np.ndarray]:

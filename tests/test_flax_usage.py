@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import deis_jax as dj
-from helpers import diffusers_trajectory, initial_noise, toy_model  # noqa: F401
+from helpers import initial_noise, toy_model
 
 
 class TinyNNX(nnx.Module):

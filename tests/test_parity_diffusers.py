@@ -4,7 +4,6 @@ Skipped where diffusers/torch are not installed; `test_golden.py` covers the sam
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from deis_jax.models.weights import load_state
 
 DEFAULT_CLASSIFIER_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
                                           "digits_classifier.npz")
@@ -42,17 +42,4 @@ class DigitsClassifier(nnx.Module):
 
 def load_digits_classifier(path: str | None = None) -> DigitsClassifier:
     """Rebuild a `DigitsClassifier` from an .npz written by `save_state` (default: the packaged weights)."""
-    path = DEFAULT_CLASSIFIER_WEIGHTS if path is None else path
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DigitsClassifier(rngs=nnx.Rngs(0))))
-    flat = dict(nnx.traversals.flatten_mapping(nnx.to_pure_dict(state), sep="/"))
-    with np.load(path) as data:
-        stored = {k: data[k] for k in data.files}
-    if set(flat) != set(stored):
-        raise ValueError(f"{path}: parameter names differ from DigitsClassifier (missing "
-                         f"{sorted(set(flat) - set(stored))}, unexpected {sorted(set(stored) - set(flat))})")
-    for name, ref in flat.items():
-        if stored[name].shape != ref.shape:
-            raise ValueError(f"{path}: {name} has shape {stored[name].shape}, expected {ref.shape}")
-    pure = nnx.traversals.unflatten_mapping({k: jnp.asarray(v) for k, v in stored.items()}, sep="/")
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    return load_state(lambda: DigitsClassifier(rngs=nnx.Rngs(0)), DEFAULT_CLASSIFIER_WEIGHTS if path is None else path)

@@ -13,8 +13,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from deis_jax.models.weights import load_state
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_unet.npz")
 
@@ -78,40 +79,6 @@ class DigitsUNet(nnx.Module):
         return self.head(nnx.silu(self.norm_out(h)))
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def save_state(model: nnx.Module, path: str) -> None:
-    """Write the model's parameters to `path` as an .npz of "a/b/c" -> float32 array."""
-    flat = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-
-
 def load_digits_unet(path: str | None = None) -> DigitsUNet:
-    """Rebuild a `DigitsUNet` and restore the parameters saved by `save_state` (default: packaged weights)."""
-    path = DEFAULT_WEIGHTS if path is None else path
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DigitsUNet(rngs=nnx.Rngs(0))))
-    pure = nnx.to_pure_dict(state)
-    expected = _flatten(pure)
-    with np.load(path) as data:
-        stored = {k: data[k] for k in data.files}
-    if set(expected) != set(stored):
-        raise ValueError(f"{path}: parameter names differ from DigitsUNet (missing "
-                         f"{sorted(set(expected) - set(stored))}, unexpected {sorted(set(stored) - set(expected))})")
-    for name, ref in expected.items():
-        if stored[name].shape != ref.shape:
-            raise ValueError(f"{path}: {name} has shape {stored[name].shape}, expected {ref.shape}")
-        *parents, leaf = name.split("/")
-        node = pure
-        for p in parents:
-            node = node[p]
-        node[leaf] = jnp.asarray(stored[name])
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    """Rebuild a `DigitsUNet` with the parameters saved by `save_state` (default: the packaged weights)."""
+    return load_state(lambda: DigitsUNet(rngs=nnx.Rngs(0)), DEFAULT_WEIGHTS if path is None else path)
