@@ -203,14 +203,14 @@ MULTISTEP_WEIGHTS = {"logrho": logrho_weights, "rhoab": rhoab_weights, "ipndm": 
 def _runge_kutta_grid(config: DEISConfig, sigmas: np.ndarray):
     """Evaluation points of rhoRK: for step i, rho_i + c_s (rho_{i+1} - rho_i), s < S.
 
-    Returns (timesteps [N S], sigmas [N S + 1], weights by lag [N S, S], rhos [N S + 1]) where
+    Returns (timesteps [N S], sigmas [N S + 1], weights by lag [N S, S]) where
     evaluation e = i S + s maps the sample at its point to the sample at the next point:
     y_next = x / alpha_e + Delta_i sum_r (A_next,r - A_s,r) k_r with y = x / alpha and
     A_next = b after the last stage.
     """
     c, a_mat, b = (np.asarray(v, np.float64) for v in RUNGE_KUTTA[config.solver_order])
     stages = len(c)
-    rho = _rho_from_sigma(config, sigmas)
+    rho = schedule.rho_from_sigma(config, sigmas)
     delta = rho[1:] - rho[:-1]
     stage_rho = (rho[:-1, None] + c[None, :] * delta[:, None]).ravel()
     rows = np.vstack([a_mat, b[None, :]])
@@ -219,13 +219,8 @@ def _runge_kutta_grid(config: DEISConfig, sigmas: np.ndarray):
     s_idx = np.tile(np.arange(stages), len(delta))
     lags = s_idx[:, None] - np.arange(stages)[None, :]  # lag j holds stage r = s - j
     lag_weights = np.where(lags >= 0, np.take_along_axis(weights, np.maximum(lags, 0), axis=1), 0.0)
-    all_rho = np.append(stage_rho, rho[-1])
     timesteps = time_of_log_rho(config, np.log(stage_rho))
-    return timesteps, schedule.sigma_from_rho(config, all_rho), lag_weights, all_rho
-
-
-def _rho_from_sigma(config: DEISConfig, sigmas: np.ndarray) -> np.ndarray:
-    return sigmas / (1.0 - sigmas) if config.use_flow_sigmas else sigmas
+    return timesteps, schedule.sigma_from_rho(config, np.append(stage_rho, rho[-1])), lag_weights
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -260,12 +255,12 @@ def build(config: DEISConfig, timesteps: np.ndarray, sigmas: np.ndarray, begin_i
     sigmas = np.asarray(sigmas, np.float64)
     extra = None
     if config.solver_type == "rhork":
-        timesteps, sigmas, extra, _ = _runge_kutta_grid(config, sigmas)
+        timesteps, sigmas, extra = _runge_kutta_grid(config, sigmas)
         orders = np.full(len(timesteps), config.solver_order)
     else:
         orders = effective_orders(config, sigmas, begin_index)
         if config.solver_type == "tab":
-            extra = tab_quadrature(config, _rho_from_sigma(config, sigmas))
+            extra = tab_quadrature(config, schedule.rho_from_sigma(config, sigmas))
     args = jax.tree_util.tree_map(
         lambda v: np.asarray(v, np.int32 if v.dtype.kind == "i" else dtype),
         (sigmas, orders, extra))

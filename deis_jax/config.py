@@ -133,6 +133,12 @@ class DEISConfig:
         set_("beta_end", _check_float("beta_end", self.beta_end, 0.0, 1.0, False, True))
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         set_("trained_betas", _check_trained_betas(self.trained_betas, self.num_train_timesteps))
+        no_noise = (self.trained_betas is not None and max(self.trained_betas) == 0) or (
+            self.trained_betas is None and self.beta_schedule != "squaredcos_cap_v2"
+            and self.beta_start == 0 and self.beta_end == 0)
+        if no_noise:
+            _fail("beta_end" if self.trained_betas is None else "trained_betas", 0.0,
+                  "the betas are all zero, so the schedule adds no noise; some beta must be positive")
 
         _check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES + tuple(_ALGORITHM_ALIASES))
         set_("algorithm_type", _ALGORITHM_ALIASES.get(self.algorithm_type, self.algorithm_type))

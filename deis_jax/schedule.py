@@ -84,6 +84,11 @@ def sigma_from_rho(config: DEISConfig, rho):
     return rho / (1.0 + rho) if config.use_flow_sigmas else rho
 
 
+def rho_from_sigma(config: DEISConfig, s):
+    """The inverse of `sigma_from_rho`: rho = s (VP), or s / (1 - s) (flow)."""
+    return s / (1.0 - s) if config.use_flow_sigmas else s
+
+
 # Continuous-time VP schedules (score SDE): t in [t_min, t_max].
 _COSINE_S = 0.008
 

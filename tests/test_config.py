@@ -48,6 +48,8 @@ def test_diffusers_aliases_are_normalised():
     ({"trained_betas": [1.0] + [0.01] * 999}, "trained_betas"),
     ({"trained_betas": [0.01] * 10}, "trained_betas"),
     ({"trained_betas": [math.nan] * 1000}, "trained_betas"),
+    ({"trained_betas": [0.0] * 1000}, "trained_betas"),
+    ({"beta_start": 0.0, "beta_end": 0.0}, "beta_end"),
     ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "use_karras_sigmas"),
     ({"use_beta_sigmas": True, "use_flow_sigmas": True}, "use_beta_sigmas"),
     ({"use_karras_sigmas": 1}, "use_karras_sigmas"),
