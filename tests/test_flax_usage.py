@@ -74,7 +74,7 @@ def test_classifier_free_guidance_one_batched_call():
 
 def test_guidance_rescale_matches_diffusers():
     torch = pytest.importorskip("torch")
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
 
     rng = np.random.RandomState(0)
     cond, guided = rng.randn(2, 3, 4, 4).astype(np.float32), 3 * rng.randn(2, 3, 4, 4).astype(np.float32)
