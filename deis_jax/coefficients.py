@@ -118,7 +118,7 @@ def _basis_per_step(coord: jnp.ndarray, orders: jnp.ndarray, max_order: int) -> 
     return jax.vmap(lagrange_basis)(nodes, jnp.asarray(active))
 
 
-def logrho_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+def logrho_weights(rhos: jnp.ndarray, orders: jnp.ndarray, max_order: int) -> jnp.ndarray:
     """Integrals of ell_j(log rho) over [rho_i, rho_{i+1}], closed form: [N, max_order]."""
     n = rhos.shape[0] - 1
     log_rho = jnp.log(rhos)
@@ -129,7 +129,7 @@ def logrho_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp
     return rhos[:n, None] * (jnp.expm1(h) * q_h + q_h - q[..., 0])
 
 
-def rhoab_weights(rhos: jnp.ndarray, orders: np.ndarray, max_order: int) -> jnp.ndarray:
+def rhoab_weights(rhos: jnp.ndarray, orders: jnp.ndarray, max_order: int) -> jnp.ndarray:
     """Integrals of ell_j(rho) over [rho_i, rho_{i+1}]: sum_m p_m Delta^(m+1) / (m+1)."""
     delta = (rhos[1:] - rhos[:-1])[:, None, None]
     p = _basis_per_step(rhos, orders, max_order)

@@ -208,6 +208,16 @@ class DEISConfig:
     def is_continuous(self) -> bool:
         return self.time_schedule != "discrete"
 
+    @property
+    def uses_sigma_grid(self) -> bool:
+        """Steps placed by a sigma schedule (Karras, exponential or beta) rather than a spacing."""
+        return self.use_karras_sigmas or self.use_exponential_sigmas or self.use_beta_sigmas
+
+    @property
+    def evaluations_per_step(self) -> int:
+        """Model evaluations (`step` calls) per solver step: solver_order for rhork, else 1."""
+        return self.solver_order if self.solver_type == "rhork" else 1
+
     def to_diffusers(self) -> dict[str, Any]:
         """The fields as a dict that `DEISMultistepScheduler.from_config` accepts.
 

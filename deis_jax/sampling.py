@@ -135,8 +135,7 @@ def strength_begin_index(config: DEISConfig, num_inference_steps: int, strength:
     if init == 0:
         raise ValueError(f"strength={strength!r} is invalid: N * strength rounds down to 0 steps for "
                          f"num_inference_steps={num_inference_steps}.")
-    per_step = config.solver_order if config.solver_type == "rhork" else 1
-    return (num_inference_steps - init) * per_step
+    return (num_inference_steps - init) * config.evaluations_per_step
 
 
 def img2img(

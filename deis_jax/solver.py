@@ -82,11 +82,7 @@ def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_steps(config: DEISConfig, num_inference_steps: int) -> int:
-    diffusers_sigma_grid = config.use_flow_sigmas or config.solver_type == "logrho" and (
-        config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas)
     limit = spacing.max_inference_steps(config)
-    if diffusers_sigma_grid and not config.is_continuous:
-        limit = config.num_train_timesteps  # repeated timesteps are allowed there, as in diffusers
     if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
             or not 1 <= num_inference_steps <= limit):
         raise ValueError(
@@ -137,7 +133,7 @@ def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begi
 
 def _check_begin_index(config: DEISConfig, evaluations: int, begin_index: int) -> None:
     """begin_index counts `step` calls: for rhork, solver_order per step, and it must start a step."""
-    per_step = config.solver_order if config.solver_type == "rhork" else 1
+    per_step = config.evaluations_per_step
     if not (0 <= begin_index < evaluations and begin_index % per_step == 0):
         extra = f" and a multiple of solver_order={per_step}" if per_step > 1 else ""
         raise ValueError(f"begin_index={begin_index!r} is invalid: must be an int in 0..{evaluations - 1}{extra}.")

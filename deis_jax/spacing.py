@@ -19,10 +19,14 @@ BETA_SIGMAS_AB = 0.6  # Lee et al., "Beta Sampling is All You Need": Beta(0.6, 0
 
 
 def max_inference_steps(config: DEISConfig) -> int:
-    """The largest step count whose discrete timesteps are all distinct (10,000 for continuous time)."""
+    """The largest step count accepted: one whose discrete timesteps are all distinct (10,000 for
+    continuous time). diffusers' own sigma grids (flow, or Karras/exponential/beta for logrho) may
+    repeat timesteps, and accept up to num_train_timesteps steps, as diffusers does."""
     if config.is_continuous:
         return 10_000
     n = config.num_train_timesteps
+    if config.use_flow_sigmas or (config.solver_type == "logrho" and config.uses_sigma_grid):
+        return n
     return n if config.timestep_spacing == "trailing" else n - 1
 
 
@@ -118,7 +122,7 @@ def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
 def _continuous_grid(config: DEISConfig, n: int):
     """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid)."""
     t_lo, t_hi = config.t_min, config.t_max
-    if config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas:
+    if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
         t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
         t[0], t[-1] = t_hi, t_lo
@@ -153,7 +157,7 @@ def timesteps_and_sigmas(
 
     rhos = schedule.train_rhos(config)
     log_rhos = np.log(rhos)
-    if config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas:
+    if config.uses_sigma_grid:
         if config.solver_type != "logrho":
             s = _sigma_schedule(config, rhos[0].item(), rhos[-1].item(), n + 1)
             return _consistent_discrete_grid(sigma_to_t(s, log_rhos), rhos)
