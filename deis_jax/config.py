@@ -24,6 +24,15 @@ TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 TIME_SHIFT_TYPES = ("exponential",)
 TIME_SCHEDULES = ("discrete", "vp_linear", "vp_cosine")
 MAX_SOLVER_ORDER = {"logrho": 3, "tab": 4, "rhoab": 4, "ipndm": 4, "rhork": 4}
+# Explicit Runge-Kutta tableaus (c, A, b): Euler, Heun, Kutta's third order, classic RK4.
+RUNGE_KUTTA = {
+    1: ((0.0,), ((0.0,),), (1.0,)),
+    2: ((0.0, 1.0), ((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5)),
+    3: ((0.0, 0.5, 1.0), ((0, 0, 0), (0.5, 0, 0), (-1.0, 2.0, 0)), (1 / 6, 4 / 6, 1 / 6)),
+    4: ((0.0, 0.5, 0.5, 1.0), ((0, 0, 0, 0), (0.5, 0, 0, 0), (0, 0.5, 0, 0), (0, 0, 1.0, 0)),
+        (1 / 6, 2 / 6, 2 / 6, 1 / 6)),
+}
+
 # End of the continuous-time interval [t_min, t_max]; the cosine schedule's alpha vanishes at t = 1.
 DEFAULT_T_MAX = {"vp_linear": 1.0, "vp_cosine": 0.9946}
 
@@ -186,6 +195,11 @@ class DEISConfig:
                   if getattr(self, n)]
         if len(chosen) > 1:
             _fail(", ".join(chosen), True, "at most one sigma schedule may be enabled at once")
+        if (self.trained_betas is not None and self.trained_betas[-1] == 1.0
+                and self.prediction_type in ("sample", "v_prediction") and self.uses_sigma_grid):
+            _fail(chosen[0], True, "a zero-terminal-SNR schedule (last trained beta = 1) with sample/v prediction "
+                  "starts at sigma = inf, where a Karras/exponential/beta grid is undefined; use a "
+                  "timestep_spacing (Lin et al. recommend 'trailing')")
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> "DEISConfig":

@@ -43,23 +43,36 @@ def _raise_non_finite(bad_output, bad_sample, timesteps):
             )
 
 
+def _check_fresh(state: DEISState) -> None:
+    """run_loop starts at state.begin_index: reject a state that has already taken steps (when known)."""
+    try:
+        taken = int(state.step_index) - state.begin_index
+    except jax.errors.ConcretizationTypeError:  # traced state: its step index is not known here
+        return
+    if taken != 0:
+        raise ValueError(f"state.step_index={int(state.step_index)} is invalid for run_loop: the state must be "
+                         f"fresh (step_index == begin_index={state.begin_index}); it has taken {taken} steps. "
+                         "Start from set_timesteps or set_begin_index.")
+
+
 def run_loop(
     model_fn: ModelFn,
     x: jax.Array,
     state: DEISState,
-    begin_index: int = 0,
     *,
     progress: bool = False,
     check_finite: bool = False,
     remat: bool = False,
 ) -> jax.Array:
-    """Run the steps of `state` from `begin_index` (its step index) on x as one lax.scan.
+    """Run the steps of a fresh `state` on x as one lax.scan: steps `state.begin_index`..N-1
+    (`set_timesteps(..., begin_index=)` or `set_begin_index` decide where the solve starts).
 
     progress: a tqdm bar updated from inside the compiled loop (host callback).
     check_finite: raise `NonFiniteError` naming the first non-finite step (one host callback at the end).
     remat: `jax.checkpoint` the step, so reverse-mode memory does not hold every step's activations.
     """
-    timesteps = state.timesteps[begin_index:]
+    _check_fresh(state)
+    timesteps = state.timesteps[state.begin_index:]
     update = _progress_callback(len(timesteps)) if progress else None
 
     def body(carry, t):
@@ -103,7 +116,7 @@ def sample_from_noise(
     """
     noise = jnp.asarray(noise)
     state = set_timesteps(config, num_inference_steps, noise.shape, mu, dtype=noise.dtype, begin_index=begin_index)
-    return run_loop(model_fn, noise * state.init_noise_sigma, state, begin_index, progress=progress,
+    return run_loop(model_fn, noise * state.init_noise_sigma, state, progress=progress,
                     check_finite=check_finite, remat=remat)
 
 
@@ -157,4 +170,4 @@ def img2img(
     state = set_timesteps(config, num_inference_steps, image.shape, mu, dtype=image.dtype, begin_index=begin)
     alpha_t, sigma_t = alpha_sigma(config, state.sigmas[begin])  # diffusers: sigmas[begin_index]
     x = (alpha_t * image + sigma_t * jnp.asarray(noise, state.sigmas.dtype)).astype(image.dtype)
-    return run_loop(model_fn, x, state, begin, progress=progress, check_finite=check_finite)
+    return run_loop(model_fn, x, state, progress=progress, check_finite=check_finite)

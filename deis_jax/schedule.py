@@ -6,13 +6,15 @@ A discrete VP schedule is given by betas; `alphas_cumprod = prod(1 - beta)`,
 A flow-matching schedule is `x_t = (1 - s) x_0 + s eps`, so `alpha = 1 - s`,
 `sigma = s`, `rho = s / (1 - s)`.
 
-The tables are host-side numpy in float32, computed the way diffusers does, so
-that timesteps derived from them match it exactly.
+The tables are host-side numpy in float32, computed the way diffusers does (once per
+config, cached and read-only), so that timesteps derived from them match it exactly.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,7 @@ def zero_terminal_snr(config: DEISConfig) -> bool:
             and config.prediction_type in ("sample", "v_prediction"))
 
 
+@functools.lru_cache(maxsize=32)
 def alphas_cumprod(config: DEISConfig) -> np.ndarray:
     """alpha_bar_t = prod_{s <= t} (1 - beta_s), accumulated in float64 and stored in float32.
 
@@ -61,22 +64,28 @@ def alphas_cumprod(config: DEISConfig) -> np.ndarray:
     ac = np.cumprod(1.0 - betas(config), dtype=np.float64).astype(np.float32)
     if ac[-1] == 0 and not zero_terminal_snr(config):
         ac[-1] = ZERO_SNR_CLAMP
+    ac.flags.writeable = False  # cached: computed once per config
     return ac
 
 
+@functools.lru_cache(maxsize=32)
 def train_rhos(config: DEISConfig) -> np.ndarray:
     """rho_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) at every training timestep (diffusers' `sigmas`)."""
     ac = alphas_cumprod(config)
     with np.errstate(divide="ignore"):
-        return np.sqrt((1 - ac) / ac)
+        rhos = np.sqrt((1 - ac) / ac)
+    rhos.flags.writeable = False
+    return rhos
 
 
-def alpha_sigma(config: DEISConfig, s: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(alpha_t, sigma_t) from diffusers' `sigmas` entry s (rho for VP, the flow sigma for flow schedules)."""
+def alpha_sigma(config: DEISConfig, s, xp: ModuleType = jnp):
+    """(alpha_t, sigma_t) from diffusers' `sigmas` entry s (rho for VP, the flow sigma for flow schedules):
+    alpha = 1 / sqrt(1 + rho^2), sigma = rho alpha (1 at rho = inf), or (1 - s, s) for flow."""
     if config.use_flow_sigmas:
         return 1.0 - s, s
-    alpha = 1.0 / jnp.sqrt(s * s + 1.0)
-    return alpha, jnp.where(jnp.isinf(s), 1.0, s * alpha)
+    alpha = 1.0 / xp.sqrt(s * s + 1.0)
+    with np.errstate(invalid="ignore"):  # inf * 0 at rho = inf, replaced
+        return alpha, xp.where(xp.isinf(s), 1.0, s * alpha)
 
 
 def sigma_from_rho(config: DEISConfig, rho):

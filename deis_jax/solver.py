@@ -29,14 +29,17 @@ from deis_jax.schedule import alpha_sigma
     jax.tree_util.register_dataclass,
     data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "b", "weights", "step_index",
                  "model_outputs"],
-    meta_fields=["config", "requested_steps"],
+    meta_fields=["config", "requested_steps", "mu", "begin_index"],
 )
 @dataclasses.dataclass(frozen=True)
 class DEISState:
-    """Schedule and solver state, a pytree; `config` and `requested_steps` are static metadata.
+    """Schedule and solver state, a pytree; `config`, `requested_steps`, `mu` and `begin_index` are
+    static metadata (what `set_timesteps` was called with).
 
     requested_steps: the `num_inference_steps` asked for (diffusers' trailing spacing can give one
                    more step; `rhork` has solver_order evaluations per step).
+    mu:            the dynamic-shifting parameter of the schedule, or None.
+    begin_index:   the step the solve starts at (img2img); `run_loop` runs steps begin_index..N-1.
 
     timesteps:     [N] int32, the timestep passed to the model at each step (diffusers' values).
     sigmas:        [N + 1], diffusers' `sigmas` (rho = sigma_t / alpha_t for VP schedules).
@@ -51,6 +54,8 @@ class DEISState:
 
     config: DEISConfig
     requested_steps: int
+    mu: float | None
+    begin_index: int
     timesteps: jax.Array
     sigmas: jax.Array
     orders: jax.Array
@@ -108,26 +113,21 @@ def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
 
 @functools.lru_cache(maxsize=64)
 def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str):
-    """Schedule and weights for (config, N, mu, begin_index), computed once and cached as numpy.
-
-    Cached as host arrays (not jax arrays) so that a table built while tracing one
-    transformation (pmap, a sharded jit) is never reused inside another.
-    """
-    timesteps, sigmas = spacing.timesteps_and_sigmas(config, num_inference_steps, mu)
-    t = coefficients.build(config, timesteps, sigmas, begin_index, np.dtype(dtype))
+    """Schedule and weights for (config, N, mu, begin_index): computed once in float64 on the host,
+    cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
+    one transformation is never reused inside another)."""
+    grid = spacing.grid(config, num_inference_steps, mu)
+    t = coefficients.build(config, grid, begin_index)
     n, order = t["c"].shape
     # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
     lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
-    time_dtype = np.int32 if np.issubdtype(t["timesteps"].dtype, np.integer) else dtype
+    time_dtype = np.int32 if np.issubdtype(grid.timesteps.dtype, np.integer) else dtype
     return dict(
-        timesteps=t["timesteps"].astype(time_dtype),
-        sigmas=t["sigmas"].astype(dtype),
+        timesteps=grid.timesteps.astype(time_dtype),
+        sigmas=grid.sigmas.astype(dtype),
         orders=t["orders"].astype(np.int32),
-        alpha_t=t["alpha_t"],
-        sigma_t=t["sigma_t"],
-        a=t["a"],
-        b=t["b"],
-        weights=np.take_along_axis(t["c"], lag, axis=1),
+        weights=np.take_along_axis(t["c"], lag, axis=1).astype(dtype),
+        **{k: t[k].astype(dtype) for k in ("alpha_t", "sigma_t", "a", "b")},
     )
 
 
@@ -171,16 +171,19 @@ def set_timesteps(
     return DEISState(
         config=config,
         requested_steps=n,
+        mu=mu,
+        begin_index=int(begin_index),
         step_index=jnp.asarray(begin_index, jnp.int32),
         model_outputs=jnp.zeros((config.solver_order, *shape), cdtype),
         **{k: jnp.asarray(v) for k, v in tables.items()},
     )
 
 
-def set_begin_index(state: DEISState, begin_index: int, mu: float | None = None) -> DEISState:
-    """The same schedule started at step `begin_index`: warm-up restarts there, history is cleared."""
+def set_begin_index(state: DEISState, begin_index: int) -> DEISState:
+    """The same schedule (config, step count, `mu`) started at step `begin_index`: warm-up restarts
+    there, history is cleared."""
     return set_timesteps(
-        state.config, state.requested_steps, state.model_outputs.shape[1:], mu,
+        state.config, state.requested_steps, state.model_outputs.shape[1:], state.mu,
         dtype=state.model_outputs.dtype, begin_index=begin_index,
     )
 
@@ -271,19 +274,24 @@ def scale_model_input(state: DEISState, sample: jax.Array, timestep: jax.Array |
 
 
 def add_noise(state: DEISState, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
-    """alpha_t x0 + sigma_t noise at the schedule entry of each timestep (diffusers' lookup rule).
+    """alpha_t x0 + sigma_t noise at each timestep t.
 
-    Each t maps to its index in `state.timesteps` (the second match if it repeats, the last
-    step if it is absent), as diffusers does without a begin index.
+    Continuous-time schedules compute alpha_t and sigma_t from t (`schedule.continuous_rho`). On
+    discrete schedules each t maps to its index in `state.timesteps` (the second match if it
+    repeats, the last step if it is absent), as diffusers does without a begin index.
     """
     t = jnp.atleast_1d(jnp.asarray(timesteps))
-    matches = state.timesteps[None, :] == t[:, None]
-    count = matches.sum(axis=1)
-    first = jnp.argmax(matches, axis=1)
-    second = jnp.argmax(jnp.cumsum(matches, axis=1) == 2, axis=1)
-    idx = jnp.where(count == 0, state.num_inference_steps - 1, jnp.where(count > 1, second, first))
     dtype = _compute_dtype(original_samples.dtype)
-    alpha_t, sigma_t = alpha_sigma(state.config, state.sigmas[idx].astype(dtype))
+    if state.config.is_continuous:
+        s = schedule.continuous_rho(state.config, t.astype(dtype), xp=jnp)
+    else:
+        matches = state.timesteps[None, :] == t[:, None]
+        count = matches.sum(axis=1)
+        first = jnp.argmax(matches, axis=1)
+        second = jnp.argmax(jnp.cumsum(matches, axis=1) == 2, axis=1)
+        idx = jnp.where(count == 0, state.num_inference_steps - 1, jnp.where(count > 1, second, first))
+        s = state.sigmas[idx].astype(dtype)
+    alpha_t, sigma_t = alpha_sigma(state.config, s)
     expand = (slice(None),) + (None,) * (original_samples.ndim - 1)
     if t.shape[0] == 1:
         alpha_t, sigma_t = alpha_t[0], sigma_t[0]

@@ -1,18 +1,21 @@
 """Where the model is evaluated: the inference timesteps and their sigmas.
 
 `timesteps_and_sigmas` returns diffusers' `scheduler.timesteps` and
-`scheduler.sigmas` (rho for VP schedules, with one extra final entry).
-Host-side numpy: the step count is static, so these are constants of the loop.
+`scheduler.sigmas` (rho for VP schedules, with one extra final entry); `grid` adds
+the Runge-Kutta stages of rhork; `model_time` is the time a model is given at a noise level.
+Host-side numpy in float64: the step count is static, so these are constants of the loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+import scipy.special
 
 from deis_jax import schedule
-from deis_jax.config import DEISConfig
+from deis_jax.config import RUNGE_KUTTA, DEISConfig
 
 KARRAS_RHO = 7.0  # Karras et al. (2022): sigmas uniform in sigma^(1/7)
 BETA_SIGMAS_AB = 0.6  # Lee et al., "Beta Sampling is All You Need": Beta(0.6, 0.6) quantiles
@@ -27,6 +30,8 @@ def max_inference_steps(config: DEISConfig) -> int:
     n = config.num_train_timesteps
     if config.use_flow_sigmas or (config.solver_type == "logrho" and config.uses_sigma_grid):
         return n
+    if config.uses_sigma_grid:  # rounded to N + 1 distinct timesteps in 0..n-1 (the last one is 0)
+        return n - 1
     return n if config.timestep_spacing == "trailing" else n - 1
 
 
@@ -50,43 +55,6 @@ def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b), by its continued fraction (modified Lentz)."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-16:
-            break
-    return math.exp(log_front) * f / a
-
-
-def beta_ppf(q: float, a: float, b: float) -> float:
-    """Quantile of the Beta(a, b) distribution, by bisection on I_x(a, b) (to float64 precision)."""
-    lo, hi = 0.0, 1.0
-    if q <= 0 or q >= 1:
-        return float(q >= 1)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        lo, hi = (mid, hi) if _betainc(a, b, mid) < q else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
 def _sigma_schedule(config: DEISConfig, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     ramp = np.linspace(0, 1, n)
     if config.use_karras_sigmas:
@@ -94,12 +62,14 @@ def _sigma_schedule(config: DEISConfig, sigma_min: float, sigma_max: float, n: i
         return (inv_max + ramp * (inv_min - inv_max)) ** KARRAS_RHO
     if config.use_exponential_sigmas:
         return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-    ppf = np.array([beta_ppf(q, BETA_SIGMAS_AB, BETA_SIGMAS_AB) for q in 1 - ramp])
+    ppf = scipy.special.betaincinv(BETA_SIGMAS_AB, BETA_SIGMAS_AB, 1 - ramp)  # Beta(a, b) quantiles
     return sigma_min + ppf * (sigma_max - sigma_min)
 
 
 def _strictly_decreasing(t: np.ndarray, top: int) -> np.ndarray:
     """Integer timesteps in [0, top], strictly decreasing, moved as little as rounding allows."""
+    if len(t) > top + 1:
+        raise ValueError(f"{len(t)} distinct timesteps do not fit in 0..{top}")
     t = np.clip(t, 0, top)
     for j in range(len(t) - 2, -1, -1):  # from the low end up
         t[j] = max(t[j], t[j + 1] + 1)
@@ -172,3 +142,40 @@ def timesteps_and_sigmas(
     timesteps = _spaced_timesteps(config, n)
     sigmas = np.interp(timesteps, np.arange(len(rhos)), rhos)
     return timesteps, np.append(sigmas, rhos[0]).astype(np.float32).astype(np.float64)
+
+
+def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
+    """The model time t at u = log rho (float64): analytic for continuous and flow schedules,
+    piecewise linear between training timesteps for discrete ones (`sigma_to_t`)."""
+    if config.is_continuous:
+        return schedule.continuous_t(config, np.exp(log_rho))
+    if config.use_flow_sigmas:
+        return config.num_train_timesteps / (1.0 + np.exp(-log_rho))  # s * N, s = rho / (1 + rho)
+    return sigma_to_t(np.exp(log_rho), np.log(schedule.train_rhos(config)).astype(np.float64))
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Where the model is evaluated.
+
+    timesteps:   [E] the model's time input at each evaluation.
+    sigmas:      [E + 1] float64, diffusers' `sigmas` at each evaluation and at the end.
+    step_sigmas: [N + 1] float64, the sigmas of the solver's steps: `sigmas` itself, except for rhork,
+                 whose step i evaluates at rho_i + c_s (rho_{i+1} - rho_i) for its stages s.
+    """
+
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    step_sigmas: np.ndarray
+
+
+def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None) -> Grid:
+    """The evaluation grid of `num_inference_steps` solver steps (`timesteps_and_sigmas`, plus rhork's stages)."""
+    timesteps, sigmas = timesteps_and_sigmas(config, num_inference_steps, mu)
+    if config.solver_type != "rhork":
+        return Grid(timesteps, sigmas, sigmas)
+    c = np.asarray(RUNGE_KUTTA[config.solver_order][0])
+    rho = schedule.rho_from_sigma(config, sigmas)
+    stage_rho = (rho[:-1, None] + c[None, :] * (rho[1:] - rho[:-1])[:, None]).ravel()
+    stage_sigmas = schedule.sigma_from_rho(config, np.append(stage_rho, rho[-1]))
+    return Grid(model_time(config, np.log(stage_rho)), stage_sigmas, sigmas)

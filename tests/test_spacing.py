@@ -1,0 +1,110 @@
+"""The step grid at its limits: the maximum step count with every grid, and where the loop starts."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deis_jax as dj
+from deis_jax import schedule, spacing
+from helpers import toy_model
+
+SIGMA_GRIDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+@pytest.mark.parametrize("solver_type,grid,spacing_name", list(itertools.product(
+    ("tab", "rhoab", "ipndm", "rhork"), SIGMA_GRIDS + (None,), ("linspace", "leading", "trailing", "quadratic"))))
+def test_maximum_step_count_ends_at_the_clean_end(solver_type, grid, spacing_name):
+    """At the largest accepted step count every grid falls and ends at the training sigma of t = 0;
+    one step more is rejected. A sigma grid rounded to N + 1 distinct timesteps in 0..999 holds at
+    most 999 steps, whatever the spacing; diffusers' trailing spacing takes all 1000 timesteps, so its
+    last step, from t = 0 to sigma(t = 0), has length zero (as in diffusers)."""
+    kwargs = {grid: True} if grid else {}
+    order = 1 if solver_type == "rhork" else 2  # rhork: 999 steps x order evaluations
+    config = dj.DEISConfig(solver_type=solver_type, solver_order=order, timestep_spacing=spacing_name, **kwargs)
+    limit = spacing.max_inference_steps(config)
+    expected_limit = 1000 if (spacing_name == "trailing" and grid is None) else 999
+    assert limit == expected_limit
+    state = dj.set_timesteps(config, limit, (1,))
+    sigmas = np.asarray(state.sigmas, np.float64)
+    falls = np.diff(sigmas) < 0
+    if expected_limit == 1000:
+        assert sigmas[-1] == sigmas[-2]
+        falls = falls[:-1]
+    assert np.all(falls), "sigmas must fall strictly"
+    assert sigmas[-1] == pytest.approx(float(schedule.train_rhos(config)[0]), rel=1e-6)
+    assert len(state.timesteps) == limit
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        dj.set_timesteps(config, limit + 1, (1,))
+
+
+def test_set_begin_index_keeps_mu():
+    """With dynamic shifting the schedule of set_begin_index(state, i) is the one set_timesteps built."""
+    config = dj.DEISConfig(use_flow_sigmas=True, use_dynamic_shifting=True, prediction_type="flow_prediction")
+    state = dj.set_timesteps(config, 10, (2,), mu=1.5)
+    moved = dj.set_begin_index(state, 4)
+    other = dj.set_timesteps(config, 10, (2,), mu=0.5)
+    assert not np.allclose(state.sigmas, other.sigmas)  # mu matters
+    np.testing.assert_array_equal(moved.sigmas, state.sigmas)
+    np.testing.assert_array_equal(moved.timesteps, state.timesteps)
+    assert moved.mu == 1.5 and int(moved.step_index) == 4
+
+
+def _hand_loop(state, x):
+    for t in state.timesteps[int(state.step_index):]:
+        x, state = dj.step(state, toy_model(x, t), t, x)
+    return x
+
+
+@pytest.mark.parametrize("config", [dj.DEISConfig(solver_order=3), dj.DEISConfig(solver_type="rhork", solver_order=2)])
+def test_run_loop_starts_where_the_state_starts(config):
+    """run_loop takes its start from the state: from set_begin_index(state, i) it runs steps i..N-1,
+    equal to a hand-written loop from there."""
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 3), jnp.float32)
+    state = dj.set_begin_index(dj.set_timesteps(config, 10, x.shape), 4)
+    calls = []
+
+    def counting_model(x, t):
+        jax.debug.callback(lambda t: calls.append(float(t)), t)
+        return toy_model(x, t)
+
+    out = dj.run_loop(counting_model, x, state)
+    np.testing.assert_allclose(out, _hand_loop(state, x), rtol=1e-5, atol=1e-6)
+    assert calls == [float(t) for t in np.asarray(state.timesteps)[4:]]
+
+
+def test_run_loop_rejects_a_state_that_has_taken_steps():
+    state = dj.set_timesteps(dj.DEISConfig(), 10, (2,))
+    x = jnp.ones((2,))
+    _, stepped = dj.step(state, toy_model(x, state.timesteps[0]), state.timesteps[0], x)
+    with pytest.raises(ValueError, match="step_index=1"):
+        dj.run_loop(toy_model, x, stepped)
+
+
+@pytest.mark.parametrize("time_schedule", ["vp_linear", "vp_cosine"])
+def test_add_noise_on_continuous_time_uses_the_schedule_at_t(time_schedule):
+    """alpha_t x0 + sigma_t eps with alpha_t, sigma_t from t itself, also between grid times."""
+    config = dj.DEISConfig(time_schedule=time_schedule)
+    state = dj.set_timesteps(config, 5, (3,))
+    x0, noise = jnp.array([0.5, -1.0, 2.0]), jnp.array([1.0, 0.3, -0.2])
+    for t in (0.8002, float(state.timesteps[2]), 0.0123):
+        rho = float(schedule.continuous_rho(config, np.float64(t)))
+        alpha = 1.0 / np.sqrt(1.0 + rho**2)
+        expected = alpha * np.asarray(x0) + rho * alpha * np.asarray(noise)
+        np.testing.assert_allclose(dj.add_noise(state, x0, noise, jnp.float32(t)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+@pytest.mark.parametrize("grid", SIGMA_GRIDS)
+def test_zero_terminal_snr_with_a_sigma_grid_is_rejected(prediction_type, grid):
+    """The grid would start at sigma = inf (NaN grid before); epsilon prediction clamps and runs."""
+    from test_reliability import _rescaled_zero_snr_betas
+
+    betas = _rescaled_zero_snr_betas()
+    with pytest.raises(ValueError, match=f"{grid}.*zero-terminal-SNR"):
+        dj.DEISConfig(trained_betas=betas, prediction_type=prediction_type, **{grid: True})
+    clamped = dj.DEISConfig(trained_betas=betas, prediction_type="epsilon", **{grid: True})
+    out = dj.sample(lambda x, t: 0.1 * x, jax.random.key(0), (2, 3), config=clamped, num_inference_steps=10)
+    assert np.isfinite(np.asarray(out)).all()
