@@ -6,16 +6,20 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from deis_jax.config import DEISConfig
 from deis_jax.schedule import alpha_sigma
-from deis_jax.solver import DEISState, check_shape, scale_model_input, set_timesteps, step
+from deis_jax.solver import DEISState, check_shape, scale_model_input, set_timesteps, step, with_sample_sharding
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-class NonFiniteError(FloatingPointError):
-    """Raised by `sample(..., check_finite=True)` when the model output or the sample is NaN/inf."""
+# What `check_finite=True` raises: checkify's error type (a ValueError), under this name. An eager
+# call raises it directly; under jit, wrap the function in `checkify.checkify` and `err.throw()`
+# raises it (plain jit refuses an unfunctionalized check when it compiles). It is raised for any
+# failed checkify check, not only ours.
+NonFiniteError = checkify.JaxRuntimeError
 
 
 def _progress_callback(total: int):
@@ -34,13 +38,14 @@ def _progress_callback(total: int):
     return update
 
 
-def _raise_non_finite(bad_output, bad_sample, timesteps):
-    """Host side of `check_finite`: name the first step whose model output or sample is not finite."""
-    for what, first in (("model output", int(bad_output)), ("sample", int(bad_sample))):
-        if first >= 0:
-            raise NonFiniteError(
-                f"the {what} became non-finite (NaN or inf) at step {first} (timestep {timesteps[first]})"
-            )
+def _check_finite(bad: jax.Array, timesteps: jax.Array) -> None:
+    """`check_finite`: a checkify check naming the earliest step whose model output or sample is
+    non-finite (the model output on a tie); bad = [first bad output step, first bad sample step], -1 if none."""
+    output_first = (bad[0] >= 0) & ((bad[1] < 0) | (bad[0] <= bad[1]))
+    sample_first = (bad[1] >= 0) & ~output_first
+    for what, failed, i in (("model output", output_first, bad[0]), ("sample", sample_first, bad[1])):
+        checkify.check(~failed, f"the {what} became non-finite (NaN or inf) at step {{}} (timestep {{}})",
+                       i, timesteps[i])
 
 
 def _check_fresh(state: DEISState) -> None:
@@ -68,7 +73,8 @@ def run_loop(
     (`set_timesteps(..., begin_index=)` or `set_begin_index` decide where the solve starts).
 
     progress: a tqdm bar updated from inside the compiled loop (host callback).
-    check_finite: raise `NonFiniteError` naming the first non-finite step (one host callback at the end).
+    check_finite: raise `NonFiniteError` naming the first non-finite step (a checkify check after the
+                  loop: under jit, wrap the call in `jax.experimental.checkify.checkify`).
     remat: `jax.checkpoint` the step, so reverse-mode memory does not hold every step's activations.
     """
     _check_fresh(state)
@@ -89,10 +95,12 @@ def run_loop(
 
     if remat:
         body = jax.checkpoint(body)
+    # A scan carry keeps its type: give the history the sample's sharding before the loop.
+    state = with_sample_sharding(state, x)
     bad = jnp.full((2,), -1, jnp.int32)
     (x, _, bad), _ = jax.lax.scan(body, (x, state, bad), timesteps)
     if check_finite:
-        jax.debug.callback(_raise_non_finite, bad[0], bad[1], state.timesteps)
+        _check_finite(bad, state.timesteps)
     return x
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from deis_jax import coefficients, schedule, spacing
 from deis_jax.config import DEISConfig
@@ -245,18 +246,45 @@ def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.
     return _x0_and_eps(state, model_output, sample)[1]
 
 
+def _like_sample(x: jax.Array, sample: jax.Array) -> jax.Array:
+    """`x` (shaped `[*lead, *sample.shape]`) with the sample's sharding on its trailing axes.
+
+    Under an Explicit mesh axis the sharding is part of an array's type, so the history must
+    carry the sample's to take its update. Decided at trace time: returns `x` itself when the
+    specs already agree (always, without Explicit axes), else reshards it.
+    """
+    like = jax.typeof(sample).sharding
+    spec = PartitionSpec(*(None,) * (x.ndim - sample.ndim), *like.spec)
+    if jax.typeof(x).sharding.spec == spec:
+        return x
+    if not isinstance(sample, jax.core.Tracer):  # eager: the concrete devices of the sample
+        like = sample.sharding
+    return jax.sharding.reshard(x, like.update(spec=spec))
+
+
+def with_sample_sharding(state: DEISState, sample: jax.Array) -> DEISState:
+    """The state with its history sharded like `sample` (a no-op without Explicit mesh axes).
+
+    `step` does this itself; call it before your own `lax.scan` over `step` when the state was
+    made under `jax.set_mesh` (a scan carry must keep its type). `run_loop` calls it.
+    """
+    return dataclasses.replace(state, model_outputs=_like_sample(state.model_outputs, sample))
+
+
 def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample: jax.Array):
     """One DEIS step: returns (prev_sample, new_state). Pure and jit/scan-able.
 
     x_{i+1} = a_i x_i + sum_slots weights[i, slot] history[slot] (+ b_i x0 on a zero-SNR start).
     The step index comes from `state.step_index`; `timestep` is accepted for diffusers'
-    call signature and is not used to find it.
+    call signature and is not used to find it. The history and eps take the sample's
+    sharding (see `with_sample_sharding`), so an explicitly sharded sample needs no other setup.
     """
     del timestep
     i = state.step_index
     x0, eps = _x0_and_eps(state, model_output, sample)
     order = state.model_outputs.shape[0]
-    history = jax.lax.dynamic_update_index_in_dim(state.model_outputs, eps, i % order, 0)
+    history = _like_sample(state.model_outputs, sample)
+    history = jax.lax.dynamic_update_index_in_dim(history, _like_sample(eps, sample), i % order, 0)
     w = state.weights[i]
     prev = state.a[i] * sample.astype(eps.dtype)
     for slot in range(order):

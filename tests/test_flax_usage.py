@@ -1,6 +1,7 @@
 """In a Flax user's hands: NNX and Linen models, guidance, img2img, progress, check_finite, gradients."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import checkify
 
 import deis_jax as dj
 from helpers import initial_noise, toy_model
@@ -118,21 +120,59 @@ def test_progress_bar_does_not_change_results(capsys):
     assert "12/12" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_check_finite_names_the_first_bad_step(jit):
-    def model_fn(x, t):  # NaN once the timestep drops below 500: the 10th of 20 steps (index 10)
-        return jnp.where(t < 500, jnp.nan, toy_model(x, t))
+def _nan_below_500(x, t):  # NaN once the timestep drops below 500
+    return jnp.where(t < 500, jnp.nan, toy_model(x, t))
 
-    run = functools.partial(dj.sample, model_fn, jax.random.key(0), (2, 3), num_inference_steps=20, check_finite=True)
-    state = dj.set_timesteps(dj.DEISConfig(), 20, (2, 3))
-    first = int(np.argmax(np.asarray(state.timesteps) < 500))
-    with pytest.raises(Exception, match=f"model output became non-finite .* at step {first} "):
-        out = jax.jit(run)() if jit else run()
-        jax.block_until_ready(out)
-        jax.effects_barrier()
-    ok = dj.sample(toy_model, jax.random.key(0), (2, 3), num_inference_steps=20, check_finite=True)
-    jax.effects_barrier()
-    assert np.isfinite(ok).all()
+
+def _ignores_x(x, t):  # finite whatever x is: a NaN in the noise shows up in the sample only
+    return jnp.zeros_like(x) + t / 1000.0
+
+
+def _raise_with(mode, fn):
+    """Call fn eagerly, or under jit with checkify in either order, raising any check failure."""
+    if mode == "eager":
+        return fn()
+    checked = checkify.checkify(jax.jit(fn)) if mode == "checkify_of_jit" else jax.jit(checkify.checkify(fn))
+    err, out = checked()
+    err.throw()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["eager", "checkify_of_jit", "jit_of_checkify"])
+@pytest.mark.parametrize("case", ["model output", "sample"])
+def test_check_finite_names_the_first_bad_step(mode, case):
+    timesteps = np.asarray(dj.set_timesteps(dj.DEISConfig(), 20, (2, 3)).timesteps)
+    if case == "model output":  # the first step whose timestep is below 500
+        model_fn, noise, first = _nan_below_500, initial_noise((2, 3)), int(np.argmax(timesteps < 500))
+    else:  # NaN noise with a model that ignores x: the sample is NaN after step 0, the output never
+        model_fn, noise, first = _ignores_x, initial_noise((2, 3)).copy(), 0
+        noise[1, 2] = np.nan
+    run = functools.partial(dj.sample_from_noise, model_fn, noise, num_inference_steps=20, check_finite=True)
+    message = f"^the {case} became non-finite \\(NaN or inf\\) at step {first} \\(timestep {timesteps[first]}\\)"
+    with pytest.raises(dj.NonFiniteError, match=message) as info:
+        _raise_with(mode, run)
+    assert info.type is dj.NonFiniteError and dj.NonFiniteError is checkify.JaxRuntimeError
+
+
+@pytest.mark.parametrize("mode", ["eager", "checkify_of_jit", "jit_of_checkify"])
+def test_check_finite_passes_finite_runs_unchanged(mode):
+    run = functools.partial(dj.sample, toy_model, jax.random.key(0), (2, 3), num_inference_steps=20)
+    checked = _raise_with(mode, functools.partial(run, check_finite=True))
+    np.testing.assert_array_equal(checked, jax.jit(run)())
+
+
+def test_check_finite_under_plain_jit_asks_for_checkify():
+    run = functools.partial(dj.sample, toy_model, jax.random.key(0), (2, 3), num_inference_steps=5, check_finite=True)
+    with pytest.raises(ValueError, match="checkify.checkify"):
+        jax.jit(run)()
+
+
+def test_check_finite_off_adds_no_check_or_callback():
+    pattern = re.compile(r"\b(check|\w*callback)\[")
+    jaxpr = {flag: str(jax.make_jaxpr(functools.partial(dj.sample, toy_model, shape=(2, 3), num_inference_steps=5,
+                                                        check_finite=flag))(jax.random.key(0)))
+             for flag in (False, True)}
+    assert pattern.search(jaxpr[True]) and not pattern.search(jaxpr[False])
 
 
 def test_grad_matches_finite_differences_in_float64_with_remat():
