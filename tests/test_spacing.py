@@ -1,6 +1,7 @@
 """The step grid at its limits: the maximum step count with every grid, and where the loop starts."""
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -108,3 +109,39 @@ def test_zero_terminal_snr_with_a_sigma_grid_is_rejected(prediction_type, grid):
     clamped = dj.DEISConfig(trained_betas=betas, prediction_type="epsilon", **{grid: True})
     out = dj.sample(lambda x, t: 0.1 * x, jax.random.key(0), (2, 3), config=clamped, num_inference_steps=10)
     assert np.isfinite(np.asarray(out)).all()
+
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+SCHEDULE_ROWS = {  # README row label -> config fields
+    "discrete (betas, `trained_betas`)": {}, "discrete": {"beta_schedule": "squaredcos_cap_v2"},
+    "flow (`use_flow_sigmas`)": {"use_flow_sigmas": True}, "flow": {"use_flow_sigmas": True, "flow_shift": 3.0},
+    "continuous (`vp_linear`, `vp_cosine`)": {"time_schedule": "vp_linear"},
+}
+
+
+def _model_time_rows():
+    text = open(README).read().split("What `t` is, for each schedule and solver")[1]
+    for line in text.split("\n\n")[1].splitlines()[2:]:
+        schedule_name, solvers, what = (cell.strip() for cell in line.strip("|").split("|"))
+        names = dj.SOLVER_TYPES if solvers == "all" else [s.strip(" `") for s in solvers.split(",")]
+        yield schedule_name, names, what
+
+
+@pytest.mark.parametrize("schedule_name,solver_types,what", list(_model_time_rows()))
+def test_readme_says_what_the_model_receives(schedule_name, solver_types, what):
+    """The README's table of the model's time input is what model_fn gets: dtype, 0-d, range."""
+    for solver_type in solver_types:
+        config = dj.DEISConfig(solver_type=solver_type, **SCHEDULE_ROWS[schedule_name])
+        state = dj.set_timesteps(config, 7, (2,))
+        seen = []
+        dj.run_loop(lambda x, t: (seen.append(t), 0.1 * x)[1], jnp.ones((2,)), state)
+        assert seen[0].shape == () and seen[0].dtype == jnp.dtype(what.split(":")[0]), (solver_type, seen[0])
+        t = np.asarray(state.timesteps, np.float64)
+        if config.is_continuous:
+            assert config.t_min <= t.min() and t.max() <= config.t_max
+        elif config.use_flow_sigmas:  # s * N with s in (0, 1]
+            assert 0 < t.min() and t.max() <= config.num_train_timesteps
+        else:
+            assert 0 <= t.min() and t.max() <= config.num_train_timesteps - 1
+            fractional = np.any(t != np.round(t))
+            assert fractional == (solver_type == "rhork"), (solver_type, t)
