@@ -33,12 +33,25 @@ RUNGE_KUTTA = {
         (1 / 6, 2 / 6, 2 / 6, 1 / 6)),
 }
 
-# End of the continuous-time interval [t_min, t_max]; the cosine schedule's alpha vanishes at t = 1.
+# End of the continuous-time interval [t_min, t_max]: the default and the largest allowed t_max. The cosine
+# schedule's alpha vanishes at t = 1 (rho = sigma/alpha = 1.6e16 there, and accuracy collapses), so it stops
+# at 0.9946, as DPM-Solver's NoiseScheduleVP does.
 DEFAULT_T_MAX = {"vp_linear": 1.0, "vp_cosine": 0.9946}
 
 # Values diffusers accepts and silently rewrites (its `register_to_config` fallbacks).
 _ALGORITHM_ALIASES = {"dpmsolver": "deis", "dpmsolver++": "deis"}
 _SOLVER_ALIASES = {"midpoint": "logrho", "heun": "logrho", "bh1": "logrho", "bh2": "logrho"}
+# Settings of the other schedulers diffusers lists as compatible with DEIS (0.42): options of their own
+# sampling algorithms. `DEISMultistepScheduler.from_config` drops them quietly, and so does `from_diffusers`.
+_OTHER_SAMPLER_KEYS = frozenset((
+    "clip_sample", "clip_sample_range", "disable_corrector", "euler_at_final", "final_sigmas_type",
+    "interpolation_type", "lambda_min_clipped", "predict_x0", "rho", "set_alpha_to_one", "shift_terminal",
+    "sigma_data", "sigma_max", "sigma_min", "sigma_schedule", "skip_prk_steps", "solver_p", "use_lu_lambdas",
+    "variance_type"))
+# Settings of those schedulers that describe the model (its betas, its timestep input), with the value under
+# which DEIS computes the same thing without them. diffusers' DEIS drops them quietly whatever their value;
+# `from_diffusers` drops them too, but warns when the value differs.
+_MODEL_KEYS = {"rescale_betas_zero_snr": False, "timestep_type": "discrete"}
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -62,14 +75,14 @@ def _check_int(field: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_float(field: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+def _check_float(field: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool, why: str = "") -> float:
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     if ok:
         value = float(value)
         ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        _fail(field, value, f"must be a finite number in {interval}")
+        _fail(field, value, f"must be a finite number in {interval}{why}")
     return value
 
 
@@ -134,6 +147,10 @@ class DEISConfig:
     continuous_beta_max: float = 20.0
     t_min: float = 1e-3
     t_max: float | None = None
+    # deis_jax extension: how many leading axes of a sample index examples. Dynamic thresholding takes one
+    # quantile per example, over all remaining axes. 1: samples are (batch, ...), diffusers' convention.
+    # 0: each sample is one example, e.g. when `jax.vmap` maps the sampler over examples of shape (C, H, W).
+    thresholding_batch_axes: int = 1
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -163,7 +180,8 @@ class DEISConfig:
                      "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
             set_(name, _check_bool(name, getattr(self, name)))
         set_("dynamic_thresholding_ratio", _check_float(
-            "dynamic_thresholding_ratio", self.dynamic_thresholding_ratio, 0.0, 1.0, True, False))
+            "dynamic_thresholding_ratio", self.dynamic_thresholding_ratio, 0.0, 1.0, False, False))
+        set_("thresholding_batch_axes", _check_int("thresholding_batch_axes", self.thresholding_batch_axes, 0))
         set_("sample_max_value", _check_float("sample_max_value", self.sample_max_value, 0.0, math.inf, True, True))
         set_("flow_shift", _check_float("flow_shift", self.flow_shift, 0.0, math.inf, True, True))
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
@@ -177,9 +195,11 @@ class DEISConfig:
             "continuous_beta_max", self.continuous_beta_max, self.continuous_beta_min, math.inf, True, True))
         set_("t_min", _check_float("t_min", self.t_min, 0.0, 1.0, True, True))
         if self.time_schedule != "discrete":
+            t_max_limit = DEFAULT_T_MAX[self.time_schedule]
             if self.t_max is None:
-                set_("t_max", DEFAULT_T_MAX[self.time_schedule])
-            set_("t_max", _check_float("t_max", self.t_max, self.t_min, 1.0, True, False))
+                set_("t_max", t_max_limit)
+            set_("t_max", _check_float("t_max", self.t_max, self.t_min, t_max_limit, True, False,
+                                       f" for time_schedule={self.time_schedule!r}"))
             if self.use_flow_sigmas or self.trained_betas is not None:
                 _fail("time_schedule", self.time_schedule,
                       "continuous-time schedules cannot be combined with use_flow_sigmas or trained_betas")
@@ -205,17 +225,29 @@ class DEISConfig:
     def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> "DEISConfig":
         """Build from a diffusers scheduler config: a dict or a path to `scheduler_config.json`.
 
-        Any `_class_name` is accepted; keys DEIS does not use are ignored and listed in a warning.
+        Its diffusers fields are those `DEISMultistepScheduler.from_config(config)` gets, for any
+        `_class_name`: keys listed in `_use_default_values` (defaults of the class the config came
+        from, never chosen) are dropped, so DEIS's own defaults apply; keys DEIS lacks are ignored.
+        A warning lists the ignored keys that may matter: unknown keys (not a setting of a diffusers
+        scheduler compatible with DEIS), and `rescale_betas_zero_snr` / `timestep_type` away from
+        their neutral values (they change the model's betas or timestep input).
         """
         if isinstance(config, (str, os.PathLike)):
             with open(config) as f:
                 config = json.load(f)
         if not isinstance(config, Mapping):
             raise ValueError(f"config={config!r} is invalid: must be a dict or a path to a JSON file.")
+        defaults = config.get("_use_default_values", [])
+        if not isinstance(defaults, (list, tuple)) or not all(isinstance(k, str) for k in defaults):
+            raise ValueError(f"config['_use_default_values']={defaults!r} is invalid: must be a list of key names.")
+        config = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")}
         names = {f.name for f in dataclasses.fields(cls)}
-        ignored = sorted(k for k in config if k not in names and not k.startswith("_"))
-        if ignored:
-            warnings.warn(f"DEISConfig.from_diffusers ignores keys DEIS does not use: {ignored}", stacklevel=2)
+        noted = {k: v for k, v in sorted(config.items()) if k not in names and k not in _OTHER_SAMPLER_KEYS
+                 and (k not in _MODEL_KEYS or v != _MODEL_KEYS[k])}
+        if noted:
+            warnings.warn(f"DEISConfig.from_diffusers ignores {noted}: DEIS has no such settings (nor has "
+                          "diffusers' DEISMultistepScheduler), so samples may differ from those of the "
+                          "scheduler this config was written for.", stacklevel=2)
         return cls(**{k: v for k, v in config.items() if k in names})
 
     @property
@@ -235,7 +267,8 @@ class DEISConfig:
     def to_diffusers(self) -> dict[str, Any]:
         """The fields as a dict that `DEISMultistepScheduler.from_config` accepts.
 
-        Raises ValueError for the deis_jax extensions diffusers does not have.
+        Raises ValueError for the deis_jax extensions diffusers does not have; leaves out
+        `thresholding_batch_axes` (how samples are laid out, not what is computed).
         """
         for field, plain in (("solver_type", "logrho"), ("time_schedule", "discrete")):
             if getattr(self, field) != plain:

@@ -190,9 +190,19 @@ def set_begin_index(state: DEISState, begin_index: int) -> DEISState:
 
 
 def _threshold(config: DEISConfig, x0: jax.Array) -> jax.Array:
-    """Imagen's dynamic thresholding: s = clip(quantile(|x0|, ratio), 1, max); x0 <- clip(x0, -s, s) / s."""
-    flat = x0.reshape(x0.shape[0], -1)
-    s = jnp.quantile(jnp.abs(flat), config.dynamic_thresholding_ratio, axis=1, keepdims=True)
+    """Imagen's dynamic thresholding: s = clip(quantile(|x0|, ratio), 1, max); x0 <- clip(x0, -s, s) / s.
+
+    One s per example: the first `config.thresholding_batch_axes` axes index examples, and the
+    quantile runs over all the others.
+    """
+    k = config.thresholding_batch_axes
+    if x0.ndim < k + 1:
+        raise ValueError(
+            f"DEISConfig.thresholding_batch_axes={k} needs samples with at least {k + 1} dims (example axes, "
+            f"then the values thresholded together); got sample shape {x0.shape}. Use 0 for one example per sample."
+        )
+    flat = x0.reshape(*x0.shape[:k], -1)
+    s = jnp.quantile(jnp.abs(flat), config.dynamic_thresholding_ratio, axis=-1, keepdims=True)
     s = jnp.clip(s, 1.0, config.sample_max_value)
     return (jnp.clip(flat, -s, s) / s).reshape(x0.shape)
 

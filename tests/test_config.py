@@ -4,6 +4,7 @@ import dataclasses
 import inspect
 import json
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -53,8 +54,11 @@ def test_diffusers_aliases_are_normalised():
     ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "use_karras_sigmas"),
     ({"use_beta_sigmas": True, "use_flow_sigmas": True}, "use_beta_sigmas"),
     ({"use_karras_sigmas": 1}, "use_karras_sigmas"),
-    ({"dynamic_thresholding_ratio": 0.0}, "dynamic_thresholding_ratio"),
-    ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
+    ({"dynamic_thresholding_ratio": -1e-9}, "dynamic_thresholding_ratio"),
+    ({"dynamic_thresholding_ratio": 1 + 1e-9}, "dynamic_thresholding_ratio"),
+    ({"thresholding_batch_axes": -1}, "thresholding_batch_axes"),
+    ({"thresholding_batch_axes": 1.0}, "thresholding_batch_axes"),
+    ({"thresholding_batch_axes": True}, "thresholding_batch_axes"),
     ({"sample_max_value": 0.0}, "sample_max_value"),
     ({"flow_shift": 0.0}, "flow_shift"),
     ({"flow_shift": -1.0}, "flow_shift"),
@@ -70,23 +74,145 @@ def test_bad_values_raise_naming_the_field(kwargs, field):
         DEISConfig(**kwargs)
 
 
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_thresholding_ratio_end_points_accepted(ratio):
+    """diffusers runs both: torch.quantile at 0 is the minimum, at 1 the maximum."""
+    assert DEISConfig(thresholding=True, dynamic_thresholding_ratio=ratio).dynamic_thresholding_ratio == ratio
+
+
+def test_thresholding_batch_axes_default_and_not_a_diffusers_field():
+    assert DEISConfig().thresholding_batch_axes == 1
+    assert DEISConfig(thresholding_batch_axes=0).thresholding_batch_axes == 0
+    assert "thresholding_batch_axes" not in DIFFUSERS_FIELDS
+    assert "thresholding_batch_axes" not in DEISConfig(thresholding_batch_axes=2).to_diffusers()
+
+
+@pytest.mark.parametrize("schedule,t_max", [("vp_cosine", 0.9946), ("vp_linear", 1.0)])
+def test_t_max_upper_end_point_accepted(schedule, t_max):
+    assert DEISConfig(time_schedule=schedule, t_max=t_max).t_max == t_max
+
+
+@pytest.mark.parametrize("schedule,t_max,interval", [
+    ("vp_cosine", 0.9947, r"\(0.001, 0.9946\]"),
+    ("vp_cosine", 1.0, r"\(0.001, 0.9946\]"),
+    ("vp_linear", 1.0 + 1e-9, r"\(0.001, 1.0\]"),
+])
+def test_t_max_beyond_schedule_limit_rejected(schedule, t_max, interval):
+    """Near t = 1 the cosine schedule's rho = sigma/alpha explodes (1.6e16 at t = 1) and accuracy collapses."""
+    with pytest.raises(ValueError, match=rf"t_max={t_max!r}.*{interval}.*{schedule}"):
+        DEISConfig(time_schedule=schedule, t_max=t_max)
+
+
 def test_zero_terminal_snr_betas_accepted():
     betas = [0.01] * 999 + [1.0]
     assert DEISConfig(trained_betas=betas).trained_betas[-1] == 1.0
 
 
-def test_from_diffusers_dict_path_and_warning(tmp_path):
-    sd = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-          "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
+# Stable Diffusion 1.5's scheduler_config.json (written by diffusers 0.6): the keys a pipeline load starts from.
+SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+        "trained_betas": None}
+# Non-default settings per scheduler, including settings DEIS does not have and diffusers' aliases.
+CUSTOM = {
+    "DDIMScheduler": {"clip_sample": True, "set_alpha_to_one": True, "prediction_type": "v_prediction",
+                      "timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "thresholding": True,
+                      "dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.0},
+    "DDPMScheduler": {"variance_type": "learned_range", "clip_sample_range": 2.0,
+                      "beta_schedule": "squaredcos_cap_v2", "steps_offset": 1},
+    "PNDMScheduler": {"skip_prk_steps": True, "prediction_type": "v_prediction", "timestep_spacing": "linspace",
+                      "beta_schedule": "scaled_linear"},
+    "EulerDiscreteScheduler": {"interpolation_type": "log_linear", "use_karras_sigmas": True,
+                               "timestep_type": "continuous", "sigma_min": 0.01, "final_sigmas_type": "sigma_min",
+                               "prediction_type": "v_prediction"},
+    "DPMSolverMultistepScheduler": {"algorithm_type": "dpmsolver++", "solver_type": "midpoint", "solver_order": 3,
+                                    "use_karras_sigmas": True, "euler_at_final": True, "lambda_min_clipped": -5.1,
+                                    "lower_order_final": False},
+    "DPMSolverSinglestepScheduler": {"algorithm_type": "dpmsolver++", "solver_type": "heun",
+                                     "lower_order_final": False, "use_exponential_sigmas": True},
+    "UniPCMultistepScheduler": {"solver_type": "bh1", "disable_corrector": [0], "use_flow_sigmas": True,
+                                "flow_shift": 3.0, "prediction_type": "flow_prediction",
+                                "timestep_spacing": "trailing"},
+}
+
+
+def _source_scheduler(name, variant):
+    cls = getattr(pytest.importorskip("diffusers"), name)
+    return {"default": cls, "sd15": lambda: cls.from_config(SD15), "custom": lambda: cls(**CUSTOM[name])}[variant]()
+
+
+def _quiet_from_diffusers(config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return DEISConfig.from_diffusers(config)
+
+
+@pytest.mark.parametrize("variant", ["default", "sd15", "custom"])
+@pytest.mark.parametrize("name", sorted(CUSTOM))
+def test_from_diffusers_equals_diffusers_from_config(name, variant, tmp_path):
+    """Field by field what `DEISMultistepScheduler.from_config` builds from another scheduler's config:
+    keys in `_use_default_values` (the source class's own defaults) are dropped, so DEIS's defaults
+    apply; a saved scheduler_config.json has no such list, so there every key counts. Same timesteps."""
+    diffusers = pytest.importorskip("diffusers")
+    source = _source_scheduler(name, variant)
+    source.save_config(tmp_path)
+    cases = [(source.config, diffusers.DEISMultistepScheduler.from_config(source.config)),
+             (tmp_path / "scheduler_config.json", diffusers.DEISMultistepScheduler.from_pretrained(tmp_path))]
+    for config, ref in cases:
+        ours = _quiet_from_diffusers(config)
+        for field in DIFFUSERS_FIELDS:
+            want = ref.config[field]
+            want = tuple(want) if field == "trained_betas" and want is not None else want
+            assert getattr(ours, field) == want, (field, str(config)[:60])
+        ref.set_timesteps(25)
+        state = dj.set_timesteps(ours, 25, (1, 4))
+        np.testing.assert_array_equal(np.asarray(state.timesteps), ref.timesteps.numpy())
+
+
+def test_from_diffusers_stable_diffusion_defaults():
+    """The issue's two cases: SD 1.5's PNDM config gives linspace spacing, DPMSolverSinglestep's
+    default config lower_order_final=True (its own default False is not carried over)."""
+    assert _quiet_from_diffusers(_source_scheduler("PNDMScheduler", "sd15").config).timestep_spacing == "linspace"
+    single = _source_scheduler("DPMSolverSinglestepScheduler", "default").config
+    assert _quiet_from_diffusers(single).lower_order_final is True
+
+
+def test_from_diffusers_dict_and_path_agree(tmp_path):
     path = tmp_path / "scheduler_config.json"
-    path.write_text(json.dumps(sd))
-    with pytest.warns(UserWarning, match="clip_sample.*set_alpha_to_one.*skip_prk_steps"):
-        from_path = DEISConfig.from_diffusers(path)
-    with pytest.warns(UserWarning):
-        from_dict = DEISConfig.from_diffusers(sd)
-    assert from_path == from_dict
+    path.write_text(json.dumps(SD15))
+    from_path = DEISConfig.from_diffusers(path)
+    assert from_path == DEISConfig.from_diffusers(str(path)) == DEISConfig.from_diffusers(SD15)
     assert from_path.beta_schedule == "scaled_linear" and from_path.steps_offset == 1
+
+
+def test_from_diffusers_quiet_about_other_samplers_settings(tmp_path):
+    """Sampler options of other diffusers schedulers (SD's clip_sample, set_alpha_to_one, skip_prk_steps),
+    and model settings at their neutral value, are dropped without a warning, as diffusers does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DEISConfig.from_diffusers(SD15)
+        for name in CUSTOM:
+            source = _source_scheduler(name, "default")
+            DEISConfig.from_diffusers(source.config)
+            source.save_config(tmp_path)
+            DEISConfig.from_diffusers(tmp_path / "scheduler_config.json")  # has rescale_betas_zero_snr=False
+
+
+@pytest.mark.parametrize("extra,key", [
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # changes the model's betas
+    ({"timestep_type": "continuous"}, "timestep_type"),            # changes the model's timestep input
+    ({"solver_ordr": 3}, "solver_ordr"),                            # not a diffusers scheduler setting
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "shift"),
+])
+def test_from_diffusers_warns_about_ignored_keys_that_matter(extra, key):
+    with pytest.warns(UserWarning, match=rf"ignores .*'{key}'"):
+        config = DEISConfig.from_diffusers({**SD15, **extra})
+    assert config == DEISConfig.from_diffusers(SD15)
+
+
+def test_from_diffusers_rejects_bad_use_default_values():
+    with pytest.raises(ValueError, match="_use_default_values"):
+        DEISConfig.from_diffusers({"_use_default_values": "timestep_spacing"})
 
 
 def test_to_diffusers_round_trip():
