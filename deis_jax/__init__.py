@@ -24,6 +24,7 @@ from deis_jax.solver import (
     set_begin_index as set_begin_index,
     set_timesteps as set_timesteps,
     step as step,
+    with_sample_sharding as with_sample_sharding,
 )
 
 __version__ = "0.1.0"
@@ -48,4 +49,5 @@ __all__ = [
     "set_timesteps",
     "step",
     "strength_begin_index",
+    "with_sample_sharding",
 ]

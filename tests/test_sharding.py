@@ -171,7 +171,7 @@ def loop_of_step(step, z):
 def scan_of_step(z, prepare=False):
     state = dj.set_timesteps(CONFIG, N, z.shape)  # outside jit, as a user would
     if prepare:
-        state = dj.solver.with_sample_sharding(state, z)
+        state = dj.with_sample_sharding(state, z)
 
     @jax.jit
     def run(state, z):
