@@ -95,6 +95,36 @@ def test_add_noise_matches_diffusers():
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+REPEATING = [  # schedules whose timesteps repeat (diffusers' values: rounded or truncated sigma grids)
+    ({"beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True}, 20),
+    ({"beta_schedule": "squaredcos_cap_v2", "use_beta_sigmas": True}, 20),
+    ({"beta_schedule": "squaredcos_cap_v2", "use_exponential_sigmas": True}, 50),
+    ({"use_karras_sigmas": True}, 200),
+    ({"use_flow_sigmas": True, "flow_shift": 3.0}, 500),
+]
+
+
+@pytest.mark.parametrize("kwargs,n", REPEATING)
+def test_add_noise_matches_diffusers_where_timesteps_repeat(kwargs, n):
+    """Every timestep of the schedule at once: one that appears several times takes the sigma of
+    its second occurrence (diffusers' `index_for_timestep`). The signal and noise terms are
+    compared separately, so that neither hides the other (at rho ~ 1e4, alpha_t is 1e-4)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DEISMultistepScheduler(**kwargs)
+    sched.set_timesteps(n)
+    timesteps = sched.timesteps
+    assert len(np.unique(timesteps.numpy())) < len(timesteps)
+    shape = (len(timesteps), 3)
+    state = dj.set_timesteps(dj.DEISConfig(**kwargs), n, shape)
+    np.testing.assert_array_equal(state.timesteps, timesteps.numpy())
+    zeros = np.zeros(shape, np.float32)
+    for x0, noise in ((initial_noise(shape), zeros), (zeros, initial_noise(shape, seed=1))):
+        ref = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps).numpy()
+        ours = dj.add_noise(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(timesteps.numpy()))
+        np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
 def test_scale_model_input_is_identity():
     state = dj.set_timesteps(dj.DEISConfig(), 5, (2,))
     x = jnp.array([1.0, 2.0])
