@@ -81,8 +81,28 @@ def test_guidance_rescale_matches_diffusers():
     ref = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(cond), guidance_rescale=0.7).numpy()
     ours = dj.guidance.rescale_guidance(jnp.asarray(guided), jnp.asarray(cond), 0.7)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance_rescale", [0.0, 0.7, 1.0])
+def test_classifier_free_guidance_rescale_over_its_whole_range(guidance_rescale):
+    """Through the wrapper, end points of [0, 1] included: with g = u + s (c - u),
+    out = phi g std(c) / std(g) + (1 - phi) g, std per sample (Lin et al. 2023, eq. 16)."""
+    def model_fn(x, t, cond):
+        return jnp.tanh(x) * cond[:, None, None]
+
+    x = jnp.asarray(initial_noise((2, 3, 4)))
+    cond, uncond = jnp.array([1.0, 2.0]), jnp.array([0.5, -0.5])
+    out = dj.classifier_free_guidance(model_fn, 5.0, guidance_rescale=guidance_rescale)(x, 10, cond, uncond)
+    u, c = (np.tanh(np.asarray(x)) * np.asarray(v)[:, None, None] for v in (uncond, cond))
+    g = u + 5.0 * (c - u)
+    ratio = c.std(axis=(1, 2), keepdims=True) / g.std(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(out, guidance_rescale * g * ratio + (1 - guidance_rescale) * g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance_rescale", [np.nextafter(0.0, -1.0), -0.1, np.nextafter(1.0, 2.0), 1.5, np.nan])
+def test_classifier_free_guidance_rescale_outside_range(guidance_rescale):
     with pytest.raises(ValueError, match="guidance_rescale"):
-        dj.classifier_free_guidance(lambda x, t, c: x, 2.0, guidance_rescale=1.5)
+        dj.classifier_free_guidance(lambda x, t, c: x, 2.0, guidance_rescale=guidance_rescale)
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
@@ -116,6 +136,27 @@ def test_progress_bar_does_not_change_results(capsys):
     jax.effects_barrier()
     np.testing.assert_array_equal(quiet, shown)
     assert "12/12" in capsys.readouterr().err
+
+
+PROGRESS_RUNS = {  # (jitted call with progress=True, steps it takes)
+    "sample": (lambda: dj.sample(toy_model, jax.random.key(0), (2, 3), num_inference_steps=12, progress=True), 12),
+    "sample_from_noise": (lambda: dj.sample_from_noise(toy_model, jnp.ones((2, 3)), num_inference_steps=12,
+                                                       begin_index=4, progress=True), 8),
+    "img2img": (lambda: dj.img2img(toy_model, jnp.ones((2, 3)), jnp.zeros((2, 3)), strength=0.5,
+                                   num_inference_steps=12, progress=True), 6),
+}
+
+
+@pytest.mark.parametrize("name", PROGRESS_RUNS)
+def test_progress_bar_on_every_call_of_a_jitted_sampler(name, capsys):
+    """Each call of the same compiled sampler shows its own bar, counting up to its number of steps."""
+    fn, steps = PROGRESS_RUNS[name]
+    run = jax.jit(fn)
+    for _ in range(2):
+        jax.block_until_ready(run())
+        jax.effects_barrier()
+    bars = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "DEIS" in line]
+    assert len(bars) == 2 and all(f" {steps}/{steps} " in bar for bar in bars), bars
 
 
 @pytest.mark.parametrize("jit", [False, True])
