@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import deis_jax as dj
-from deis_jax import spacing
+from deis_jax import schedule, spacing
 from deis_jax.schedule import alpha_sigma
-from helpers import deis_trajectory, gaussian_eps_model, gaussian_flow, initial_noise
+from helpers import deis_trajectory, gaussian_eps_model, gaussian_flow, initial_noise, toy_model
 
 
 @pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_beta_sigmas"])
@@ -135,3 +135,51 @@ def test_float64_end_to_end():
     with jax.enable_x64(True):
         out = dj.sample(lambda x, t: 0.1 * x, jax.random.key(0), (3,), dtype=jnp.float64, num_inference_steps=10)
         assert out.dtype == jnp.float64
+
+
+FINAL_RHO_ZERO = ("a final rho of 0 (first beta = 0, alpha_bar_0 = 1) gives log rho = -inf: the log-rho and tab "
+                  "weights of the last step are NaN (diffusers' DEIS is NaN there too)")
+
+
+@pytest.mark.parametrize("solver_type", [
+    pytest.param("logrho", marks=pytest.mark.xfail(strict=True, reason=FINAL_RHO_ZERO)),
+    pytest.param("tab", marks=pytest.mark.xfail(strict=True, reason=FINAL_RHO_ZERO)),
+    "rhoab", "ipndm"])
+def test_beta_start_zero_lands_on_the_exact_solution(solver_type):
+    """beta_start = 0, the closed end of [0, 1): the last step ends at sigma = 0. On Gaussian data
+    with the exact noise model, 50 steps land within 3% of the exact flow's end point."""
+    config = dj.DEISConfig(beta_start=0.0, solver_type=solver_type, solver_order=2)
+    state = dj.set_timesteps(config, 50, (64,))
+    assert float(state.sigmas[-1]) == 0.0
+    x_T = jnp.asarray(initial_noise((64,)))
+    out = np.asarray(dj.sample_from_noise(gaussian_eps_model(config), x_T, config=config, num_inference_steps=50))
+    (a0, aN), (s0, sN) = (np.asarray(v)[[0, -1]] for v in alpha_sigma(config, state.sigmas))
+    exact = gaussian_flow(np.asarray(x_T), a0, s0, aN, sN)
+    np.testing.assert_allclose(out, exact, atol=0.03 * np.abs(exact).max())
+
+
+@pytest.mark.xfail(strict=True, reason="beta_end close to 1 (inside [0, 1)): alpha_bar underflows to 0 long before "
+                                       "the last timestep, sigma = inf mid-schedule and the sample is NaN")
+def test_beta_end_just_below_one_is_rejected_or_finite():
+    try:
+        config = dj.DEISConfig(beta_end=0.999)
+    except ValueError as e:
+        assert "beta_end" in str(e)
+        return
+    assert np.isfinite(dj.sample(toy_model, jax.random.key(0), (2, 3), config=config, num_inference_steps=10)).all()
+
+
+def test_two_training_timesteps():
+    """num_train_timesteps = 2, the smallest accepted: one step, from t = 1 to sigma(t = 0)."""
+    config = dj.DEISConfig(num_train_timesteps=2)
+    state = dj.set_timesteps(config, 1, (3,))
+    rhos = schedule.train_rhos(config)
+    assert state.timesteps.tolist() == [1]
+    np.testing.assert_allclose(state.sigmas, rhos[::-1], rtol=1e-6)
+    x, eps = jnp.array([0.3, -1.0, 2.0]), jnp.array([0.5, 0.1, -0.7])
+    alpha = 1 / np.sqrt(1 + rhos**2)  # one DDIM step: alpha_0 (x - sigma_1 eps) / alpha_1 + sigma_0 eps
+    expected = alpha[0] * (x - rhos[1] * alpha[1] * eps) / alpha[1] + rhos[0] * alpha[0] * eps
+    out = dj.sample_from_noise(lambda x, t: eps, x, config=config, num_inference_steps=1)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_inference_steps=2"):
+        dj.set_timesteps(config, 2, (3,))
