@@ -78,6 +78,20 @@ def train_rhos(config: DEISConfig) -> np.ndarray:
     return rhos
 
 
+SIGMA_FLOOR = 1e-10  # diffusers' floor before taking log sigma (`_sigma_to_t`)
+
+
+@functools.lru_cache(maxsize=32)
+def log_train_rhos(config: DEISConfig) -> np.ndarray:
+    """log rho_t at every training timestep, as diffusers takes it (the log of the float32 table,
+    floored at log 1e-10, so a first alpha_bar of 1 gives a finite knot), stored in float64.
+    The knots of t(rho) for placing timesteps, tAB's quadrature and `rho_at`."""
+    with np.errstate(divide="ignore"):
+        logs = np.log(np.maximum(train_rhos(config), np.float32(SIGMA_FLOOR))).astype(np.float64)
+    logs.flags.writeable = False
+    return logs
+
+
 def alpha_sigma(config: DEISConfig, s, xp: ModuleType = jnp):
     """(alpha_t, sigma_t) from diffusers' `sigmas` entry s (rho for VP, the flow sigma for flow schedules):
     alpha = 1 / sqrt(1 + rho^2), sigma = rho alpha (1 at rho = inf), or (1 - s, s) for flow."""
@@ -131,5 +145,5 @@ def rho_at(config: DEISConfig, t, xp=np):
     `spacing.sigma_to_t`). This is the noise level a model given t is trained for."""
     if config.is_continuous:
         return continuous_rho(config, t, xp)
-    log_rho = xp.asarray(np.log(train_rhos(config)).astype(np.float64))
+    log_rho = xp.asarray(log_train_rhos(config))
     return xp.exp(xp.interp(t, xp.arange(log_rho.shape[0], dtype=log_rho.dtype), log_rho))

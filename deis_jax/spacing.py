@@ -48,7 +48,7 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
 
 def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
     """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    log_sigma = np.log(np.maximum(sigma, schedule.SIGMA_FLOOR))
     low = np.clip(np.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
     lo, hi = log_train_rhos[low], log_train_rhos[low + 1]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
@@ -126,7 +126,7 @@ def timesteps_and_sigmas(
         return (s * config.num_train_timesteps).astype(np.int64), sigmas
 
     rhos = schedule.train_rhos(config)
-    log_rhos = np.log(rhos)
+    log_rhos = schedule.log_train_rhos(config)
     if config.uses_sigma_grid:
         if config.solver_type != "logrho":
             s = _sigma_schedule(config, rhos[0].item(), rhos[-1].item(), n + 1)
@@ -151,7 +151,8 @@ def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
         return schedule.continuous_t(config, np.exp(log_rho))
     if config.use_flow_sigmas:
         return config.num_train_timesteps / (1.0 + np.exp(-log_rho))  # s * N, s = rho / (1 + rho)
-    return sigma_to_t(np.exp(log_rho), np.log(schedule.train_rhos(config)).astype(np.float64))
+    with np.errstate(over="ignore"):
+        return sigma_to_t(np.exp(log_rho), schedule.log_train_rhos(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,4 +179,5 @@ def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None) 
     rho = schedule.rho_from_sigma(config, sigmas)
     stage_rho = (rho[:-1, None] + c[None, :] * (rho[1:] - rho[:-1])[:, None]).ravel()
     stage_sigmas = schedule.sigma_from_rho(config, np.append(stage_rho, rho[-1]))
-    return Grid(model_time(config, np.log(stage_rho)), stage_sigmas, sigmas)
+    with np.errstate(divide="ignore"):  # a last stage at rho = 0 is at t = 0
+        return Grid(model_time(config, np.log(stage_rho)), stage_sigmas, sigmas)

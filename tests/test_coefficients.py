@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import deis_jax as dj
-from deis_jax import coefficients, spacing
+from deis_jax import coefficients, schedule, spacing
 from deis_jax.schedule import alpha_sigma
 
 
@@ -115,3 +115,35 @@ def test_repeated_sigmas_lower_the_order_instead_of_dividing_by_zero():
 def test_max_inference_steps():
     assert spacing.max_inference_steps(dj.DEISConfig()) == 999
     assert spacing.max_inference_steps(dj.DEISConfig(timestep_spacing="trailing")) == 1000
+
+
+TAB_CASES = [({}, 5, 2), ({}, 12, 3), ({"timestep_spacing": "quadratic"}, 5, 4),
+             ({"timestep_spacing": "quadratic"}, 12, 2), ({"use_karras_sigmas": True}, 5, 3),
+             ({"use_karras_sigmas": True}, 12, 4)]
+
+
+@pytest.mark.parametrize("kwargs,n,order", TAB_CASES)
+def test_tab_weights_equal_adaptive_quadrature_on_discrete_schedules(kwargs, n, order):
+    """c_{i,j} = alpha_{i+1} * integral_{rho_i}^{rho_{i+1}} ell_j(t(rho)) d rho, ell_j the Lagrange basis
+    in the model time through t_i, t_{i-1}, ... (k_i nodes), t(rho) linear in log rho between the
+    training timesteps (the inverse of `schedule.rho_at`). Reference: scipy's adaptive quadrature in
+    rho, told where the kinks of t(rho) are."""
+    integrate = pytest.importorskip("scipy.integrate")
+    config = dj.DEISConfig(solver_type="tab", solver_order=order, **kwargs)
+    with jax.enable_x64(True):
+        state = dj.set_timesteps(config, n, (1,), dtype=jnp.float64)
+        alpha, rho = _alpha_rho(state)
+        c, orders = _lag_weights(state), np.asarray(state.orders)
+    train_t = np.arange(config.num_train_timesteps)
+    knots = schedule.rho_at(config, train_t)
+    t_of = lambda r: np.interp(np.log(r), np.log(knots), train_t)  # noqa: E731
+    times = t_of(rho)
+    for i in range(n):
+        k, lo, hi = orders[i], rho[i + 1], rho[i]
+        nodes = times[i - np.arange(k)]
+        basis = lambda r: np.array([np.prod([(t_of(r) - nodes[m]) / (nodes[j] - nodes[m])  # noqa: E731
+                                             for m in range(k) if m != j]) for j in range(k)])
+        inner = knots[(knots > lo) & (knots < hi)]
+        integral, _ = integrate.quad_vec(basis, lo, hi, points=inner, limit=len(inner) + 200, epsabs=0, epsrel=1e-13)
+        np.testing.assert_allclose(c[i, :k], -alpha[i + 1] * integral, rtol=1e-9, err_msg=f"step {i}")
+        assert (c[i, k:] == 0).all()

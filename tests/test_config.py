@@ -12,7 +12,7 @@ import pytest
 
 import deis_jax as dj
 from deis_jax import DEISConfig
-from deis_jax.config import DIFFUSERS_FIELDS
+from deis_jax.config import DIFFUSERS_FIELDS, MAX_SOLVER_ORDER
 
 
 def test_fields_and_defaults_equal_diffusers_signature():
@@ -37,18 +37,10 @@ def test_diffusers_aliases_are_normalised():
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"solver_order": 4}, "solver_order"),
-    ({"solver_order": 0}, "solver_order"),
     ({"solver_order": 2.0}, "solver_order"),
     ({"prediction_type": "x0"}, "prediction_type"),
     ({"beta_schedule": "cosine"}, "beta_schedule"),
-    ({"beta_start": -0.1}, "beta_start"),
-    ({"beta_end": 1.0}, "beta_end"),
-    ({"beta_end": math.nan}, "beta_end"),
-    ({"trained_betas": [0.1, -0.1] + [0.01] * 998}, "trained_betas"),
-    ({"trained_betas": [1.0] + [0.01] * 999}, "trained_betas"),
     ({"trained_betas": [0.01] * 10}, "trained_betas"),
-    ({"trained_betas": [math.nan] * 1000}, "trained_betas"),
     ({"trained_betas": [0.0] * 1000}, "trained_betas"),
     ({"beta_start": 0.0, "beta_end": 0.0}, "beta_end"),
     ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "use_karras_sigmas"),
@@ -62,12 +54,12 @@ def test_diffusers_aliases_are_normalised():
     ({"sample_max_value": 0.0}, "sample_max_value"),
     ({"flow_shift": 0.0}, "flow_shift"),
     ({"flow_shift": -1.0}, "flow_shift"),
+    ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
     ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"steps_offset": -1}, "steps_offset"),
     ({"algorithm_type": "sde"}, "algorithm_type"),
     ({"solver_type": "bh3"}, "solver_type"),
     ({"time_shift_type": "linear"}, "time_shift_type"),
-    ({"num_train_timesteps": 1}, "num_train_timesteps"),
+    ({"time_schedule": "vp_linear", "trained_betas": [0.01] * 1000}, "time_schedule"),
 ])
 def test_bad_values_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -101,6 +93,53 @@ def test_t_max_beyond_schedule_limit_rejected(schedule, t_max, interval):
     """Near t = 1 the cosine schedule's rho = sigma/alpha explodes (1.6e16 at t = 1) and accuracy collapses."""
     with pytest.raises(ValueError, match=rf"t_max={t_max!r}.*{interval}.*{schedule}"):
         DEISConfig(time_schedule=schedule, t_max=t_max)
+
+def _below(x):
+    return float(np.nextafter(x, -math.inf))
+
+
+def _above(x):
+    return float(np.nextafter(x, math.inf))
+
+
+def _betas(first=0.01, middle=0.01, last=0.01):
+    return [first] + [middle] * 998 + [last]
+
+
+CONTINUOUS = {"time_schedule": "vp_linear"}
+FLOAT32_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+# (fixed fields, field, values accepted at or just inside each end, values rejected just outside)
+RANGES = [
+    ({}, "num_train_timesteps", [2], [1, 0]),
+    # Two training timesteps: a beta just below 1 keeps alpha_bar > 0 (over 1000 it underflows: test_edge_cases).
+    # The betas are used in float32: the largest float32 below 1 is accepted, float64's rounds to 1 and is not.
+    ({"num_train_timesteps": 2}, "beta_start", [0.0, FLOAT32_BELOW_ONE],
+     [_below(0.0), -0.1, _below(1.0), 1.0, math.nan, math.inf]),
+    ({"num_train_timesteps": 2}, "beta_end", [0.0, FLOAT32_BELOW_ONE], [_below(0.0), 1.0, math.nan, math.inf]),
+    ({}, "trained_betas", [_betas(first=0.0), _betas(middle=0.0), [0.01] * 500 + [FLOAT32_BELOW_ONE] + [0.01] * 499,
+                           _betas(last=1.0)],
+     [_betas(first=_below(0.0)), _betas(middle=-0.1), _betas(first=1.0), _betas(middle=1.0), _betas(middle=_below(1.0)),
+      _betas(last=_above(1.0)), _betas(middle=math.nan), _betas(last=math.inf)]),
+    ({}, "sample_max_value", [_above(0.0), 1e300], [0.0, _below(0.0), math.inf, math.nan]),
+    ({}, "flow_shift", [_above(0.0), 1e300], [0.0, -1.0, math.inf, math.nan]),
+    ({}, "steps_offset", [0], [-1]),
+    *[({"solver_type": kind}, "solver_order", [1, top], [0, top + 1]) for kind, top in MAX_SOLVER_ORDER.items()],
+    (CONTINUOUS, "continuous_beta_min", [0.0, 19.9], [_below(0.0), math.inf]),
+    ({**CONTINUOUS, "continuous_beta_min": 0.5}, "continuous_beta_max", [_above(0.5)], [0.5, _below(0.5), math.inf]),
+    (CONTINUOUS, "t_min", [_above(0.0), 0.5, _below(1.0)], [0.0, _below(0.0), 1.0]),
+    ({**CONTINUOUS, "t_min": 0.5}, "t_max", [_above(0.5), 1.0], [0.5, _below(0.5), _above(1.0)]),
+]
+
+
+@pytest.mark.parametrize("fixed,field,accepted,rejected", RANGES,
+                         ids=[f"{field}-{fixed.get('solver_type', '')}" for fixed, field, _, _ in RANGES])
+def test_numeric_ranges_accept_their_end_points_and_reject_just_outside(fixed, field, accepted, rejected):
+    for value in accepted:
+        config = DEISConfig(**fixed, **{field: value})
+        assert getattr(config, field) == (tuple(value) if field == "trained_betas" else value)
+    for value in rejected:
+        with pytest.raises(ValueError, match=f"DEISConfig.{field}="):
+            DEISConfig(**fixed, **{field: value})
 
 
 def test_zero_terminal_snr_betas_accepted():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import deis_jax as dj
-from deis_jax import spacing
+from deis_jax import schedule, spacing
 from deis_jax.schedule import alpha_sigma
-from helpers import deis_trajectory, gaussian_eps_model, gaussian_flow, initial_noise
+from helpers import deis_trajectory, gaussian_eps_model, gaussian_flow, initial_noise, toy_model
 
 
 @pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_beta_sigmas"])
@@ -95,6 +95,36 @@ def test_add_noise_matches_diffusers():
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+REPEATING = [  # schedules whose timesteps repeat (diffusers' values: rounded or truncated sigma grids)
+    ({"beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True}, 20),
+    ({"beta_schedule": "squaredcos_cap_v2", "use_beta_sigmas": True}, 20),
+    ({"beta_schedule": "squaredcos_cap_v2", "use_exponential_sigmas": True}, 50),
+    ({"use_karras_sigmas": True}, 200),
+    ({"use_flow_sigmas": True, "flow_shift": 3.0}, 500),
+]
+
+
+@pytest.mark.parametrize("kwargs,n", REPEATING)
+def test_add_noise_matches_diffusers_where_timesteps_repeat(kwargs, n):
+    """Every timestep of the schedule at once: one that appears several times takes the sigma of
+    its second occurrence (diffusers' `index_for_timestep`). The signal and noise terms are
+    compared separately, so that neither hides the other (at rho ~ 1e4, alpha_t is 1e-4)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DEISMultistepScheduler(**kwargs)
+    sched.set_timesteps(n)
+    timesteps = sched.timesteps
+    assert len(np.unique(timesteps.numpy())) < len(timesteps)
+    shape = (len(timesteps), 3)
+    state = dj.set_timesteps(dj.DEISConfig(**kwargs), n, shape)
+    np.testing.assert_array_equal(state.timesteps, timesteps.numpy())
+    zeros = np.zeros(shape, np.float32)
+    for x0, noise in ((initial_noise(shape), zeros), (zeros, initial_noise(shape, seed=1))):
+        ref = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps).numpy()
+        ours = dj.add_noise(state, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(timesteps.numpy()))
+        np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
 def test_scale_model_input_is_identity():
     state = dj.set_timesteps(dj.DEISConfig(), 5, (2,))
     x = jnp.array([1.0, 2.0])
@@ -105,3 +135,51 @@ def test_float64_end_to_end():
     with jax.enable_x64(True):
         out = dj.sample(lambda x, t: 0.1 * x, jax.random.key(0), (3,), dtype=jnp.float64, num_inference_steps=10)
         assert out.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("solver_type", [
+    "logrho", "tab", "rhoab", "ipndm"])
+def test_beta_start_zero_lands_on_the_exact_solution(solver_type):
+    """beta_start = 0, the closed end of [0, 1): the last step ends at sigma = 0 (log rho = -inf; the
+    weights take the limit; diffusers' DEIS gives NaN). On Gaussian data with the exact noise model,
+    50 steps land within 3% of the exact flow's end point."""
+    config = dj.DEISConfig(beta_start=0.0, solver_type=solver_type, solver_order=2)
+    state = dj.set_timesteps(config, 50, (64,))
+    assert float(state.sigmas[-1]) == 0.0
+    x_T = jnp.asarray(initial_noise((64,)))
+    out = np.asarray(dj.sample_from_noise(gaussian_eps_model(config), x_T, config=config, num_inference_steps=50))
+    (a0, aN), (s0, sN) = (np.asarray(v)[[0, -1]] for v in alpha_sigma(config, state.sigmas))
+    exact = gaussian_flow(np.asarray(x_T), a0, s0, aN, sN)
+    np.testing.assert_allclose(out, exact, atol=0.03 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("beta_end", [0.5, 0.999])
+def test_betas_whose_alpha_bar_underflows_are_rejected(beta_end):
+    """beta_end in [0, 1) but so large that alpha_bar = prod(1 - beta) is 0 in float32 long before the
+    last timestep (sigma = inf mid-schedule, a NaN sample before): rejected, naming the field."""
+    with pytest.raises(ValueError, match="beta_end=.*underflows to 0 in float32 from timestep"):
+        dj.DEISConfig(beta_end=beta_end)
+    betas = np.linspace(1e-4, beta_end, 1000)
+    with pytest.raises(ValueError, match="trained_betas=.*underflows"):
+        dj.DEISConfig(trained_betas=betas)
+
+
+def test_large_betas_that_keep_alpha_bar_positive_run():
+    config = dj.DEISConfig(beta_end=0.1)  # alpha_bar_999 ~ 1e-22: positive in float32
+    assert np.isfinite(dj.sample(toy_model, jax.random.key(0), (2, 3), config=config, num_inference_steps=10)).all()
+
+
+def test_two_training_timesteps():
+    """num_train_timesteps = 2, the smallest accepted: one step, from t = 1 to sigma(t = 0)."""
+    config = dj.DEISConfig(num_train_timesteps=2)
+    state = dj.set_timesteps(config, 1, (3,))
+    rhos = schedule.train_rhos(config)
+    assert state.timesteps.tolist() == [1]
+    np.testing.assert_allclose(state.sigmas, rhos[::-1], rtol=1e-6)
+    x, eps = jnp.array([0.3, -1.0, 2.0]), jnp.array([0.5, 0.1, -0.7])
+    alpha = 1 / np.sqrt(1 + rhos**2)  # one DDIM step: alpha_0 (x - sigma_1 eps) / alpha_1 + sigma_0 eps
+    expected = alpha[0] * (x - rhos[1] * alpha[1] * eps) / alpha[1] + rhos[0] * alpha[0] * eps
+    out = dj.sample_from_noise(lambda x, t: eps, x, config=config, num_inference_steps=1)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_inference_steps=2"):
+        dj.set_timesteps(config, 2, (3,))

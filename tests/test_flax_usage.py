@@ -83,8 +83,28 @@ def test_guidance_rescale_matches_diffusers():
     ref = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(cond), guidance_rescale=0.7).numpy()
     ours = dj.guidance.rescale_guidance(jnp.asarray(guided), jnp.asarray(cond), 0.7)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance_rescale", [0.0, 0.7, 1.0])
+def test_classifier_free_guidance_rescale_over_its_whole_range(guidance_rescale):
+    """Through the wrapper, end points of [0, 1] included: with g = u + s (c - u),
+    out = phi g std(c) / std(g) + (1 - phi) g, std per sample (Lin et al. 2023, eq. 16)."""
+    def model_fn(x, t, cond):
+        return jnp.tanh(x) * cond[:, None, None]
+
+    x = jnp.asarray(initial_noise((2, 3, 4)))
+    cond, uncond = jnp.array([1.0, 2.0]), jnp.array([0.5, -0.5])
+    out = dj.classifier_free_guidance(model_fn, 5.0, guidance_rescale=guidance_rescale)(x, 10, cond, uncond)
+    u, c = (np.tanh(np.asarray(x)) * np.asarray(v)[:, None, None] for v in (uncond, cond))
+    g = u + 5.0 * (c - u)
+    ratio = c.std(axis=(1, 2), keepdims=True) / g.std(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(out, guidance_rescale * g * ratio + (1 - guidance_rescale) * g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance_rescale", [np.nextafter(0.0, -1.0), -0.1, np.nextafter(1.0, 2.0), 1.5, np.nan])
+def test_classifier_free_guidance_rescale_outside_range(guidance_rescale):
     with pytest.raises(ValueError, match="guidance_rescale"):
-        dj.classifier_free_guidance(lambda x, t, c: x, 2.0, guidance_rescale=1.5)
+        dj.classifier_free_guidance(lambda x, t, c: x, 2.0, guidance_rescale=guidance_rescale)
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
@@ -105,11 +125,24 @@ def test_img2img_matches_diffusers(strength):
     np.testing.assert_allclose(ours, x.numpy(), rtol=1e-4, atol=1e-4 * np.abs(x.numpy()).max())
 
 
-def test_img2img_bad_strength():
+@pytest.mark.parametrize("strength", [0.01, 0.0999, 0.0, -0.5, float(np.nextafter(1.0, 2.0)), 1.5, float("nan")])
+def test_img2img_bad_strength(strength):
+    """Outside (0, 1], or so small that N * strength rounds down to no step."""
     with pytest.raises(ValueError, match="strength"):
-        dj.img2img(toy_model, jnp.ones(3), jnp.ones(3), strength=0.01, num_inference_steps=10)
-    with pytest.raises(ValueError, match="strength"):
-        dj.img2img(toy_model, jnp.ones(3), jnp.ones(3), strength=1.5, num_inference_steps=10)
+        dj.img2img(toy_model, jnp.ones(3), jnp.ones(3), strength=strength, num_inference_steps=10)
+
+
+def test_img2img_smallest_strength_takes_one_ddim_step():
+    """strength = 1 / N keeps one step: noise to sigma_{N-1}, then x' = alpha' x0 + sigma' eps with
+    x0 = (x - sigma eps) / alpha (lower_order_final makes the last step first order)."""
+    image, noise = initial_noise((2, 3)), initial_noise((2, 3), seed=1)
+    out = dj.img2img(toy_model, image, noise, strength=0.1, num_inference_steps=10)
+    state = dj.set_timesteps(dj.DEISConfig(), 10, (2, 3))
+    s = np.asarray(state.sigmas)[-2:].astype(np.float64)
+    (a, a1), (sig, sig1) = 1 / np.sqrt(1 + s**2), s / np.sqrt(1 + s**2)
+    x = a * image + sig * noise
+    eps = np.asarray(toy_model(jnp.asarray(x, jnp.float32), state.timesteps[-1]))
+    np.testing.assert_allclose(out, a1 * (x - sig * eps) / a + sig1 * eps, rtol=1e-5, atol=1e-5)
 
 
 def test_progress_bar_does_not_change_results(capsys):
@@ -118,6 +151,27 @@ def test_progress_bar_does_not_change_results(capsys):
     jax.effects_barrier()
     np.testing.assert_array_equal(quiet, shown)
     assert "12/12" in capsys.readouterr().err
+
+
+PROGRESS_RUNS = {  # (jitted call with progress=True, steps it takes)
+    "sample": (lambda: dj.sample(toy_model, jax.random.key(0), (2, 3), num_inference_steps=12, progress=True), 12),
+    "sample_from_noise": (lambda: dj.sample_from_noise(toy_model, jnp.ones((2, 3)), num_inference_steps=12,
+                                                       begin_index=4, progress=True), 8),
+    "img2img": (lambda: dj.img2img(toy_model, jnp.ones((2, 3)), jnp.zeros((2, 3)), strength=0.5,
+                                   num_inference_steps=12, progress=True), 6),
+}
+
+
+@pytest.mark.parametrize("name", PROGRESS_RUNS)
+def test_progress_bar_on_every_call_of_a_jitted_sampler(name, capsys):
+    """Each call of the same compiled sampler shows its own bar, counting up to its number of steps."""
+    fn, steps = PROGRESS_RUNS[name]
+    run = jax.jit(fn)
+    for _ in range(2):
+        jax.block_until_ready(run())
+        jax.effects_barrier()
+    bars = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "DEIS" in line]
+    assert len(bars) == 2 and all(f" {steps}/{steps} " in bar for bar in bars), bars
 
 
 def _nan_below_500(x, t):  # NaN once the timestep drops below 500
@@ -175,6 +229,21 @@ def test_check_finite_off_adds_no_check_or_callback():
     assert pattern.search(jaxpr[True]) and not pattern.search(jaxpr[False])
 
 
+@pytest.mark.parametrize("name", ["sample_from_noise", "img2img"])
+def test_check_finite_through_every_sampler(name):
+    model_fn = _nan_below_500
+    first = int(np.argmax(np.asarray(dj.set_timesteps(dj.DEISConfig(), 20, (2, 3)).timesteps) < 500))
+    x = jnp.ones((2, 3))
+    run = {"sample_from_noise": lambda f, **kw: dj.sample_from_noise(f, x, num_inference_steps=20, **kw),
+           "img2img": lambda f, **kw: dj.img2img(f, x, x, strength=0.8, num_inference_steps=20, **kw)}[name]
+    with pytest.raises(dj.NonFiniteError, match=f"model output became non-finite .* at step {first} "):
+        jax.block_until_ready(run(model_fn, check_finite=True))
+        jax.effects_barrier()
+    assert np.isnan(run(model_fn)).all()  # unchecked, the NaN goes through silently
+    jax.block_until_ready(run(toy_model, check_finite=True))
+    jax.effects_barrier()
+
+
 def test_grad_matches_finite_differences_in_float64_with_remat():
     with jax.enable_x64(True):
         noise = jnp.asarray(initial_noise((2, 3)).astype(np.float64))
@@ -197,15 +266,20 @@ def test_grad_matches_finite_differences_in_float64_with_remat():
     np.testing.assert_allclose(g_noise_remat, g_noise, rtol=1e-10)
 
 
-def test_remat_bounds_backward_memory():
+@pytest.mark.parametrize("name", ["sample", "sample_from_noise"])
+def test_remat_bounds_backward_memory(name):
     """With remat the backward pass keeps the scan carry per step, not the model's activations."""
-    def heavy_model(x, t):  # 16 intermediate activations of x's size per step
+    def heavy_model(x, t, scale=1.01):  # 16 intermediate activations of x's size per step
         h = x
         for _ in range(16):
-            h = jnp.sin(h) * 1.01
+            h = jnp.sin(h) * scale
         return h
 
     def temp_bytes(remat):
+        if name == "sample":  # gradient to a model parameter
+            f = jax.grad(lambda c: jnp.sum(dj.sample(lambda x, t: heavy_model(x, t, c), jax.random.key(0), (64, 64),
+                                                     num_inference_steps=50, remat=remat)))
+            return jax.jit(f).lower(1.01).compile().memory_analysis().temp_size_in_bytes
         f = jax.grad(lambda z: jnp.sum(dj.sample_from_noise(heavy_model, z, num_inference_steps=50, remat=remat)))
         return jax.jit(f).lower(jnp.ones((64, 64))).compile().memory_analysis().temp_size_in_bytes
 

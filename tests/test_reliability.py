@@ -65,9 +65,15 @@ def test_zero_terminal_snr_with_epsilon_prediction_is_clamped():
     assert np.isfinite(out).all()
 
 
-def test_zero_snr_rejected_for_solvers_without_the_exact_first_step():
-    with pytest.raises(ValueError, match="solver_type"):
-        dj.DEISConfig(trained_betas=_rescaled_zero_snr_betas(), prediction_type="v_prediction", solver_type="tab")
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+@pytest.mark.parametrize("solver_type", ["tab", "rhork"])
+def test_zero_snr_rejected_for_solvers_without_the_exact_first_step(solver_type, prediction_type):
+    betas = _rescaled_zero_snr_betas()
+    with pytest.raises(ValueError, match=f"solver_type='{solver_type}'"):
+        dj.DEISConfig(trained_betas=betas, prediction_type=prediction_type, solver_type=solver_type)
+    # epsilon prediction clamps the last alpha_bar instead, which every solver can take
+    config = dj.DEISConfig(trained_betas=betas, solver_type=solver_type)
+    assert np.isfinite(dj.sample(toy_model, jax.random.key(0), (2, 3), config=config, num_inference_steps=6)).all()
 
 
 def _gaussian_model(config, prediction_type):

@@ -1,5 +1,7 @@
 """The scan sampler: equal to a Python loop, traced once, under jit / vmap / grad; errors (devices: test_sharding)."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,45 @@ def test_scan_equals_python_loop(order, prediction_type):
     scanned = jax.jit(lambda z: dj.sample_from_noise(toy_model, z, config=config, num_inference_steps=12))(noise)
     np.testing.assert_allclose(scanned, x, rtol=1e-5, atol=1e-5)
     assert int(state.step_index) == 12
+
+
+DYNAMIC = dj.DEISConfig(use_flow_sigmas=True, use_dynamic_shifting=True, prediction_type="flow_prediction",
+                        solver_order=3)
+
+
+def _hand_loop(x, mu, begin_index=0, n=12):
+    """`set_timesteps(DYNAMIC, n, shape, mu)`, then one eager `step` per timestep from begin_index."""
+    state = dj.set_timesteps(DYNAMIC, n, x.shape, mu, begin_index=begin_index)
+    for t in state.timesteps[begin_index:]:
+        x, state = dj.step(state, toy_model(x, t), t, x)
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("name", ["sample", "sample_from_noise", "img2img"])
+def test_mu_reaches_the_schedule_through_every_sampler(name):
+    """Dynamic shifting: each sampler equals the hand loop over set_timesteps(..., mu) with the same
+    mu, and differs from it with another mu."""
+    key, shape, n = jax.random.key(5), (2, 3), 12
+    noise = jax.random.normal(key, shape)
+    image = jnp.asarray(np.linspace(-1, 1, 6, dtype=np.float32).reshape(shape))
+    begin = n - int(n * 0.5)  # diffusers' img2img: strength 0.5 skips the first half of the steps
+
+    def ours(mu):
+        if name == "sample":
+            return dj.sample(toy_model, key, shape, config=DYNAMIC, num_inference_steps=n, mu=mu)
+        if name == "sample_from_noise":
+            return dj.sample_from_noise(toy_model, noise, config=DYNAMIC, num_inference_steps=n, mu=mu)
+        return dj.img2img(toy_model, image, noise, strength=0.5, config=DYNAMIC, num_inference_steps=n, mu=mu)
+
+    def reference(mu):
+        if name != "img2img":
+            return _hand_loop(noise, mu)
+        s = dj.set_timesteps(DYNAMIC, n, shape, mu).sigmas[begin]  # flow: x_t = (1 - s) x0 + s eps
+        return _hand_loop((1 - s) * image + s * noise, mu, begin)
+
+    for mu in (0.4, 1.2):
+        np.testing.assert_allclose(ours(mu), reference(mu), rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(ours(0.4)) - reference(1.2)).max() > 1e-2
 
 
 def test_sample_draws_noise_from_key():
@@ -82,12 +123,44 @@ def test_low_precision_samples_keep_their_dtype(dtype):
     ({"shape": "2x3"}, "shape"),
     ({"mu": 0.5}, "mu"),
     ({"begin_index": 10}, "begin_index"),
+    ({"begin_index": -1}, "begin_index"),
+    ({"config": DYNAMIC, "mu": math.nan}, "mu"),
+    ({"config": DYNAMIC, "mu": math.inf}, "mu"),
+    ({"config": dj.DEISConfig(time_schedule="vp_linear"), "num_inference_steps": 10_001}, "num_inference_steps"),
 ])
 def test_bad_call_arguments(kwargs, match):
     args = dict(config=dj.DEISConfig(), num_inference_steps=10, shape=(2, 3))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         dj.set_timesteps(args.pop("config"), args.pop("num_inference_steps"), args.pop("shape"), **args)
+
+
+@pytest.mark.parametrize("config,n", [(dj.DEISConfig(), 999), (dj.DEISConfig(timestep_spacing="leading"), 999),
+                                      (dj.DEISConfig(time_schedule="vp_linear", solver_order=1), 10_000)])
+def test_largest_step_count_is_accepted(config, n):
+    """The upper end of 1..max: num_train_timesteps - 1 distinct discrete timesteps, 10,000 in continuous time."""
+    t = np.asarray(dj.set_timesteps(config, n, (1,)).timesteps)
+    assert t.shape == (n,) and (np.diff(t) < 0).all()
+
+
+@pytest.mark.parametrize("begin_index", [0, 4, 9])
+def test_sample_from_noise_starts_at_begin_index(begin_index):
+    """The solve starts at step begin_index with a fresh warm-up; from the last step (N - 1) it is
+    one DDIM step: x' = alpha' (x - sigma eps) / alpha + sigma' eps."""
+    config, n = dj.DEISConfig(solver_order=3), 10
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    out = dj.sample_from_noise(toy_model, x, config=config, num_inference_steps=n, begin_index=begin_index)
+    state = dj.set_timesteps(config, n, x.shape, begin_index=begin_index)
+    assert np.asarray(state.orders)[begin_index:begin_index + 3].tolist() == [1, 2, 3][:n - begin_index]
+    ref = x
+    for t in state.timesteps[begin_index:]:
+        ref, state = dj.step(state, toy_model(ref, t), t, ref)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    if begin_index == n - 1:
+        s = np.asarray(state.sigmas)[-2:].astype(np.float64)
+        (a, a1), (sig, sig1) = 1 / np.sqrt(1 + s**2), s / np.sqrt(1 + s**2)
+        eps = np.asarray(toy_model(x, state.timesteps[-1]))
+        np.testing.assert_allclose(out, a1 * (np.asarray(x) - sig * eps) / a + sig1 * eps, rtol=1e-5, atol=1e-6)
 
 
 def test_model_output_shape_mismatch_names_both_shapes():
