@@ -42,7 +42,8 @@ class DEISState:
     mu:            the dynamic-shifting parameter of the schedule, or None.
     begin_index:   the step the solve starts at (img2img); `run_loop` runs steps begin_index..N-1.
 
-    timesteps:     [N] int32, the timestep passed to the model at each step (diffusers' values).
+    timesteps:     [N], the time passed to the model at each step: int32 training timesteps (diffusers'
+                   values), float for rhork stages and continuous schedules (README: "What `t` is").
     sigmas:        [N + 1], diffusers' `sigmas` (rho = sigma_t / alpha_t for VP schedules).
     orders:        [N] int32, k_i: how many past outputs step i uses.
     alpha_t, sigma_t: [N], the noise levels at each step's start.
