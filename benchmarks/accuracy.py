@@ -60,16 +60,18 @@ import numpy as np
 from scipy.integrate import solve_ivp
 
 import deis_jax as dj
-from deis_jax import DEISConfig
-from deis_jax import schedule
+from deis_jax import DEISConfig, schedule
 from deis_jax.schedule import rho_at
 
 try:
     import torch
     from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
     torch.set_num_threads(1)
+    SCHEDULERS = {"diffusers DEIS": DEISMultistepScheduler, "diffusers DPM++": DPMSolverMultistepScheduler,
+                  "diffusers UniPC": UniPCMultistepScheduler}
     HAVE_DIFFUSERS = True
 except Exception:  # noqa: BLE001 (any import failure: skip diffusers cleanly)
+    SCHEDULERS = {}
     HAVE_DIFFUSERS = False
 
 NFES = (5, 10, 15, 20, 50)
@@ -251,13 +253,9 @@ def run_deis_jax(problem: Problem, config: DEISConfig, nfe: int, model=None):
         return np.asarray(x), sigmas, int(timesteps.shape[0])
 
 
-SCHEDULERS = {"diffusers DEIS": "DEISMultistepScheduler", "diffusers DPM++": "DPMSolverMultistepScheduler",
-              "diffusers UniPC": "UniPCMultistepScheduler"}
-
-
 def run_diffusers(problem: Problem, contender: Contender, nfe: int, double: bool = True):
     """(x_0, sigmas, NFE) of a diffusers scheduler, float64 samples and sigmas (float32 if not double)."""
-    cls = globals()[SCHEDULERS[contender.family]]
+    cls = SCHEDULERS[contender.family]
     sched = cls(**contender.kw)
     sched.set_timesteps(nfe)
     sigmas = sched.sigmas.double().numpy().copy()
@@ -401,7 +399,7 @@ def plot(results, nfes, path):
     for key, members in groups.items():
         for c in members[: 1 if key[0] == "deis_jax" else 2]:
             pts = sorted((r[1], r[0]) for r in results[c].values())
-            ax.loglog(*zip(*pts), "o-" if c.family == "deis_jax" else "s--", color=next(colors),
+            ax.loglog(*zip(*pts, strict=True), "o-" if c.family == "deis_jax" else "s--", color=next(colors),
                       label=f"{c.family}: {c.name}", lw=2 if c.family == "deis_jax" else 1.2)
     ax.xaxis.set_major_locator(FixedLocator(list(nfes)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -448,7 +446,7 @@ def high_nfe_study(problem: Problem, best: Contender, nfes=HIGH_NFES, quick=Fals
 def falls_below(errs: dict, nfes, target=1e-7) -> bool:
     """The target: the error keeps falling over nfes and ends below `target`."""
     vals = [errs[n] for n in nfes]
-    return all(b < a for a, b in zip(vals, vals[1:])) and vals[-1] < target
+    return all(b < a for a, b in zip(vals, vals[1:], strict=False)) and vals[-1] < target
 
 
 def high_nfe_markdown(h: dict) -> list[str]:

@@ -39,7 +39,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -377,11 +377,12 @@ def plot(path: str, results) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, row in results["cells"].items():
         pts = [(c.nfe, c.fid) for c in row.values() if c.finite]
-        ax.plot(*zip(*pts), marker="o", label=name)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
     r = results["refs"]
     ax.axhline(r["floor_mean"], color="black", ls="--", lw=1, label="real vs real (split halves)")
     if "ode_fid" in r:
-        ax.axhline(r["ode_fid"], color="black", ls=":", lw=1.2, label=f"ODE solution ({REFERENCE.name}, NFE {r['ode_nfe']})")
+        ax.axhline(r["ode_fid"], color="black", ls=":", lw=1.2,
+                   label=f"ODE solution ({REFERENCE.name}, NFE {r['ode_nfe']})")
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID (classifier features)",
            title=f"8x8 digits, {results['num_samples']} samples per point")
     ax.set_xticks(results["nfes"], [str(n) for n in results["nfes"]])
@@ -446,7 +447,7 @@ def main(argv=None) -> dict:
 
         versions += f", torch {torch.__version__}, diffusers {diffusers.__version__}"
     command = " ".join(["python benchmarks/digits_fid.py", *(sys.argv[1:] if argv is None else argv)])
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), wall=wall,
+    meta = dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), wall=wall,
                 versions=versions, command=command,
                 seed=args.seed, batch_size=args.batch_size,
                 skip_note=f"\n- diffusers row skipped: {skip}" if skip else "")

@@ -225,7 +225,7 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2, min_time: float = 20e-
 
 def ratios(times, a, b):
     """(median, q1, q3) of the per-round ratios a/b."""
-    q = statistics.quantiles([x / y for x, y in zip(times[a], times[b])], n=4, method="inclusive")
+    q = statistics.quantiles([x / y for x, y in zip(times[a], times[b], strict=True)], n=4, method="inclusive")
     return q[1], q[0], q[2]
 
 
@@ -422,7 +422,8 @@ def report(args, load_at_start, repeats, first_repeats, errs, toy, first, mem, r
             "| case | total (median) | total (max) | XLA compile (median) | executables compiled |",
             "|---|---|---|---|---|"]
     for r in first:
-        out.append(f"| {r['name']} | {r['total']:.3f} s | {r['max']:.3f} s | {r['compile']:.3f} s | {r['n_compiles']} |")
+        out.append(f"| {r['name']} | {r['total']:.3f} s | {r['max']:.3f} s | {r['compile']:.3f} s "
+                   f"| {r['n_compiles']} |")
 
     out += ["", f"## Peak memory, `jit(f).lower(...).compile().memory_analysis()`, shape {MEMORY_SHAPE}, "
             f"in samples of {math.prod(MEMORY_SHAPE) * 4 / 2**20:.1f} MiB", "",
@@ -460,8 +461,8 @@ def report(args, load_at_start, repeats, first_repeats, errs, toy, first, mem, r
             f"- first call not growing with step count (cold 50-step / 10-step <= 1.25): {growth:.2f} -> "
             f"{verdict(growth <= 1.25)}",
             f"- peak loop memory of deis_jax.sample <= solver_order + 4 = {ORDER + 4} samples: {peak:.4f} -> "
-            f"{verdict(peak <= ORDER + 4)}" + (f" (over by {(peak - ORDER - 4) * math.prod(MEMORY_SHAPE) * 4:.0f} bytes)"
-                                               if peak > ORDER + 4 else "")]
+            f"{verdict(peak <= ORDER + 4)}"
+            + (f" (over by {(peak - ORDER - 4) * math.prod(MEMORY_SHAPE) * 4:.0f} bytes)" if peak > ORDER + 4 else "")]
     return "\n".join(out) + "\n"
 
 

@@ -55,7 +55,8 @@ def main(argv=None) -> float:
     key, init_key = jax.random.split(key)
     model = DigitsUNet(rngs=nnx.Rngs(init_key))
     graphdef, params = nnx.split(model)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(200, args.steps // 10 + 1), args.steps, args.lr * 0.05)
+    warmup = min(200, args.steps // 10 + 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
     opt_state = tx.init(params)
     ema = params

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,9 @@ M = TypeVar("M", bound=nnx.Module)
 def save_state(model: nnx.Module, path: str) -> None:
     """Write the model's parameters to `path`."""
     flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)), sep="/")
-    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+    # Any: numpy's stubs would otherwise match an array against savez's `allow_pickle: bool` keyword.
+    arrays: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    np.savez(path, **arrays)
 
 
 def load_state(make_model: Callable[[], M], path: str) -> M:
