@@ -12,7 +12,8 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,9 @@ def _check_float(field: str, value: Any, lo: float, hi: float, lo_open: bool, hi
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     if ok:
         value = float(value)
-        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        above = value > lo if lo_open else value >= lo
+        below = value < hi if hi_open else value <= hi
+        ok = math.isfinite(value) and above and below
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
         _fail(field, value, f"must be a finite number in {interval}{why}")
@@ -233,7 +236,7 @@ class DEISConfig:
                       "large: only the last alpha_bar may be 0 (zero terminal SNR)")
 
     @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> "DEISConfig":
+    def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> DEISConfig:
         """Build from a diffusers scheduler config: a dict or a path to `scheduler_config.json`.
 
         Its diffusers fields are those `DEISMultistepScheduler.from_config(config)` gets, for any

@@ -42,8 +42,8 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
     if config.timestep_spacing == "leading":
         ratio = n_train // (n + 1)
         return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + config.steps_offset
-    ratio = n_train / n  # trailing
-    return np.arange(n_train, 0, -ratio).round().astype(np.int64) - 1
+    stride = n_train / n  # trailing
+    return np.arange(n_train, 0, -stride).round().astype(np.int64) - 1
 
 
 def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
@@ -92,6 +92,7 @@ def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
 def _continuous_grid(config: DEISConfig, n: int):
     """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid)."""
     t_lo, t_hi = config.t_min, config.t_max
+    assert t_hi is not None  # set by DEISConfig for continuous schedules
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
         t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))

@@ -53,7 +53,8 @@ def _case(order, prediction, sigma, betas, spacing_name, thresholding, lower_ord
               "lower_order_final": lower_order_final, **SIGMA_SCHEDULES[sigma], **BETAS[betas],
               **SPACINGS[spacing_name]}
     mu = DYNAMIC_MU if sigma == "flow_dynamic" else None
-    name = f"o{order}-{prediction}-{sigma}-{betas}-{spacing_name}-thr{int(thresholding)}-lof{int(lower_order_final)}-n{n}-{len(shape)}d"
+    name = (f"o{order}-{prediction}-{sigma}-{betas}-{spacing_name}-thr{int(thresholding)}"
+            f"-lof{int(lower_order_final)}-n{n}-{len(shape)}d")
     return name, kwargs, n, shape, mu
 
 

@@ -74,7 +74,7 @@ def test_model_is_minus_sigma_score():
 def test_tab4_quadratic_error_decreases_with_nfe(problem):
     c = acc.deis_contender("tab", 4, "quadratic")
     errors = [problem.error(*acc.run_deis_jax(problem, DEISConfig(**c.kw), n)[:2]) for n in (5, 10, 20, 40)]
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 0.05 * errors[0], errors
 
 

@@ -141,8 +141,8 @@ def test_tab_weights_equal_adaptive_quadrature_on_discrete_schedules(kwargs, n, 
     for i in range(n):
         k, lo, hi = orders[i], rho[i + 1], rho[i]
         nodes = times[i - np.arange(k)]
-        basis = lambda r: np.array([np.prod([(t_of(r) - nodes[m]) / (nodes[j] - nodes[m])  # noqa: E731
-                                             for m in range(k) if m != j]) for j in range(k)])
+        basis = lambda r, k=k, nodes=nodes: np.array([  # noqa: E731
+            np.prod([(t_of(r) - nodes[m]) / (nodes[j] - nodes[m]) for m in range(k) if m != j]) for j in range(k)])
         inner = knots[(knots > lo) & (knots < hi)]
         integral, _ = integrate.quad_vec(basis, lo, hi, points=inner, limit=len(inner) + 200, epsabs=0, epsrel=1e-13)
         np.testing.assert_allclose(c[i, :k], -alpha[i + 1] * integral, rtol=1e-9, err_msg=f"step {i}")

@@ -9,8 +9,7 @@ import pytest
 
 import deis_jax as dj
 from grid import parity_grid
-from helpers import (assert_float32_parity, deis_trajectory, diffusers_trajectory, initial_noise,
-                     relative_error)
+from helpers import assert_float32_parity, deis_trajectory, diffusers_trajectory, initial_noise, relative_error
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")

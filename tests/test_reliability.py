@@ -5,13 +5,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import deis_jax as dj
 from deis_jax import schedule
-from helpers import (assert_float32_parity, deis_trajectory, diffusers_trajectory, gaussian_eps_model,
-                     initial_noise, toy_model)
+from helpers import (
+    assert_float32_parity,
+    deis_trajectory,
+    diffusers_trajectory,
+    gaussian_eps_model,
+    initial_noise,
+    toy_model,
+)
 
 
 def _rescaled_zero_snr_betas(floor=0.0):

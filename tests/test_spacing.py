@@ -134,7 +134,7 @@ def test_readme_says_what_the_model_receives(schedule_name, solver_types, what):
         config = dj.DEISConfig(solver_type=solver_type, **SCHEDULE_ROWS[schedule_name])
         state = dj.set_timesteps(config, 7, (2,))
         seen = []
-        dj.run_loop(lambda x, t: (seen.append(t), 0.1 * x)[1], jnp.ones((2,)), state)
+        dj.run_loop(lambda x, t, seen=seen: (seen.append(t), 0.1 * x)[1], jnp.ones((2,)), state)
         assert seen[0].shape == () and seen[0].dtype == jnp.dtype(what.split(":")[0]), (solver_type, seen[0])
         t = np.asarray(state.timesteps, np.float64)
         if config.is_continuous:

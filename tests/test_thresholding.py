@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import deis_jax as dj
-from helpers import (assert_float32_parity, deis_trajectory, diffusers_trajectory, initial_noise, toy_model)
+from helpers import assert_float32_parity, deis_trajectory, diffusers_trajectory, initial_noise, toy_model
 
 # sample_max_value > 1 puts s = quantile(|x0|) strictly inside (1, max): which values share a quantile matters.
 CONFIG = dj.DEISConfig(thresholding=True, sample_max_value=3.0)
