@@ -5,7 +5,7 @@ forks a process that has imported JAX, which can hang). Each mutant is written i
 repository and judged by a fresh `pytest -x` subprocess on that module's test selection (MODULES), with
 torch and diffusers blocked so their parity tests skip (tests/test_golden.py checks parity without them).
 A mutant is killed when pytest fails, survives when it passes, times out after `--timeout-factor` times the
-unmutated run. Not run in CI (too slow); results go to benchmarks/mutation_results.{md,json}.
+unmutated run plus 30 s. Not run in CI (too slow); results go to benchmarks/mutation_results.{md,json}.
 
     python benchmarks/mutation.py coefficients solver --sample 60 --seed 0 --jobs 2
 """

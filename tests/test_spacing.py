@@ -179,8 +179,8 @@ def test_discrete_sigma_grid_spans_the_training_range():
 
 @pytest.mark.parametrize("grid", ["quadratic", "karras"])
 def test_continuous_grids_from_t_max_to_t_min(grid):
-    """Continuous time, 8 steps from t_max (not 1, where t_max**p = t_max) to t_min: quadratic is uniform in sqrt(t); Karras is uniform
-    in rho^(1/7) between rho(t_max) and rho(t_min)."""
+    """Continuous time, 8 steps from t_max (not 1, where t_max**p = t_max) to t_min: quadratic is uniform
+    in sqrt(t); Karras is uniform in rho^(1/7) between rho(t_max) and rho(t_min)."""
     kwargs = {"timestep_spacing": "quadratic"} if grid == "quadratic" else {"use_karras_sigmas": True}
     config = dj.DEISConfig(time_schedule="vp_linear", t_max=0.8, **kwargs)
     with jax.enable_x64(True):
