@@ -51,7 +51,7 @@ def run_tests(copy: str, tests: list[str], timeout: float) -> tuple[str, float]:
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", RUNNER, *tests], cwd=copy, env=env, timeout=timeout,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
         return "timeout", time.perf_counter() - start
     return ("survived" if proc.returncode == 0 else "killed"), time.perf_counter() - start
@@ -59,7 +59,8 @@ def run_tests(copy: str, tests: list[str], timeout: float) -> tuple[str, float]:
 
 def mutants(path: str, sample: int | None, seed: int):
     """(all mutants, the [seeded] sample of them as (id, line number, diff lines, mutated source))."""
-    source = open(path).read()
+    with open(path) as f:
+        source = f.read()
     ids = list_mutations(Context(source=source, filename=path))
     chosen = sorted(random.Random(seed).sample(range(len(ids)), sample)) if sample and sample < len(ids) \
         else range(len(ids))
@@ -101,7 +102,7 @@ def main():
         total, chosen = mutants(os.path.join(ROOT, rel), args.sample, args.seed)
         print(f"{module}: {len(chosen)} of {total} mutants, unmutated run {base:.0f}s", flush=True)
 
-        def judge(item):
+        def judge(item, module=module, rel=rel, tests=tests, base=base):
             index, line, diff, new = item
             copy = copies.get()
             try:

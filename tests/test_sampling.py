@@ -116,8 +116,8 @@ def test_low_precision_samples_keep_their_dtype(dtype):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"num_inference_steps": 0}, r"^num_inference_steps=0 is invalid: must be an int in 1\.\.999 "
-                                 r"for timestep_spacing='linspace' and num_train_timesteps=1000\.$"),
+    ({"num_inference_steps": 0}, (r"^num_inference_steps=0 is invalid: must be an int in 1\.\.999 "
+                                  r"for timestep_spacing='linspace' and num_train_timesteps=1000\.$")),
     ({"num_inference_steps": 1000}, "num_inference_steps"),
     ({"num_inference_steps": 2.5}, "num_inference_steps"),
     ({"shape": (2, 0)}, "shape"),
