@@ -147,3 +147,35 @@ def test_tab_weights_equal_adaptive_quadrature_on_discrete_schedules(kwargs, n, 
         integral, _ = integrate.quad_vec(basis, lo, hi, points=inner, limit=len(inner) + 200, epsabs=0, epsrel=1e-13)
         np.testing.assert_allclose(c[i, :k], -alpha[i + 1] * integral, rtol=1e-9, err_msg=f"step {i}")
         assert (c[i, k:] == 0).all()
+
+
+def test_ipndm_weights_are_adams_bashforth():
+    """iPNDM's weights are Delta rho times the Adams-Bashforth weights of order k: the integrals over
+    [0, 1] of the Lagrange basis through the equally spaced nodes 0, -1, ..., -(k-1)."""
+    rhos = np.array([5.0, 4.5, 3.0, 2.0, 1.2, 0.3])
+    orders = np.array([1, 2, 3, 4, 4])
+    expected = np.zeros((5, 4))
+    for i, k in enumerate(orders):
+        nodes = -np.arange(k, dtype=np.float64)
+        for j in range(k):
+            ell = np.polynomial.Polynomial([1.0])
+            for m in np.delete(nodes, j):
+                ell *= np.polynomial.Polynomial([-m, 1.0]) / (nodes[j] - m)
+            antiderivative = ell.integ()
+            expected[i, j] = (rhos[i + 1] - rhos[i]) * (antiderivative(1.0) - antiderivative(0.0))
+    np.testing.assert_allclose(coefficients.ipndm_weights(rhos, orders, 4), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_rhoab_integrates_polynomials_in_rho_exactly():
+    """rhoAB's weights integrate eps = q(rho) exactly over each step when deg q < k_i:
+    sum_j c_{i,j} q(rho_{i-j}) = Q(rho_{i+1}) - Q(rho_i), Q' = q (closed form)."""
+    rhos = np.array([8.0, 5.0, 3.2, 1.7, 0.9, 0.2])
+    orders = np.array([1, 2, 3, 3, 3])
+    q = np.polynomial.Polynomial([0.4, -1.3, 0.25])
+    c = coefficients.rhoab_weights(rhos, orders, 3)
+    for i, k in enumerate(orders):
+        qk = np.polynomial.Polynomial(q.coef[:k])
+        lags = np.arange(k)
+        expected = qk.integ()(rhos[i + 1]) - qk.integ()(rhos[i])
+        np.testing.assert_allclose(np.sum(c[i, :k] * qk(rhos[i - lags])), expected, rtol=1e-12)
+        np.testing.assert_array_equal(c[i, k:], 0.0)

@@ -81,6 +81,21 @@ def test_add_noise_formula_and_lookup():
     np.testing.assert_allclose(last, dj.add_noise(state, x0, noise, state.timesteps[-1]), rtol=1e-6)
 
 
+def test_add_noise_takes_the_second_of_repeated_timesteps():
+    """Without torch: a timestep that appears twice takes the sigma of its second occurrence
+    (diffusers' `index_for_timestep`), alpha = 1 / sqrt(1 + s^2), sigma = s alpha."""
+    config = dj.DEISConfig(beta_schedule="squaredcos_cap_v2", use_exponential_sigmas=True)
+    state = dj.set_timesteps(config, 50, (1,))
+    t, s = np.asarray(state.timesteps), np.asarray(state.sigmas)
+    values, counts = np.unique(t, return_counts=True)
+    repeated = values[counts == 2][-1]  # exactly twice (997)
+    second = np.flatnonzero(t == repeated)[1]
+    assert s[second] != s[second - 1]
+    out = dj.add_noise(state, jnp.ones(1), jnp.full(1, 2.0), jnp.asarray(repeated))
+    alpha = 1 / np.sqrt(1 + s[second].astype(np.float64) ** 2)
+    np.testing.assert_allclose(out, alpha * (1.0 + 2.0 * s[second]), rtol=1e-6)
+
+
 def test_add_noise_matches_diffusers():
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")

@@ -116,7 +116,8 @@ def test_low_precision_samples_keep_their_dtype(dtype):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": 0}, (r"^num_inference_steps=0 is invalid: must be an int in 1\.\.999 "
+                                  r"for timestep_spacing='linspace' and num_train_timesteps=1000\.$")),
     ({"num_inference_steps": 1000}, "num_inference_steps"),
     ({"num_inference_steps": 2.5}, "num_inference_steps"),
     ({"shape": (2, 0)}, "shape"),
@@ -124,6 +125,10 @@ def test_low_precision_samples_keep_their_dtype(dtype):
     ({"mu": 0.5}, "mu"),
     ({"begin_index": 10}, "begin_index"),
     ({"begin_index": -1}, "begin_index"),
+    ({"begin_index": 2.0}, "begin_index=2.0"),
+    ({"begin_index": True}, "begin_index=True"),
+    ({"config": dj.DEISConfig(solver_type="rhork", solver_order=2), "begin_index": 1},
+     r"begin_index=1 .* a multiple of solver_order=2"),
     ({"config": DYNAMIC, "mu": math.nan}, "mu"),
     ({"config": DYNAMIC, "mu": math.inf}, "mu"),
     ({"config": dj.DEISConfig(time_schedule="vp_linear"), "num_inference_steps": 10_001}, "num_inference_steps"),
@@ -164,10 +169,45 @@ def test_sample_from_noise_starts_at_begin_index(begin_index):
 
 
 def test_model_output_shape_mismatch_names_both_shapes():
-    with pytest.raises(ValueError, match=r"model_output.shape=\(2, 4\).*\(2, 3\)"):
+    match = r"model_output.shape=\(2, 4\).* must both equal the shape given to set_timesteps, \(2, 3\)\."
+    with pytest.raises(ValueError, match=match):
         dj.sample(lambda x, t: jnp.zeros((2, 4)), jax.random.key(0), (2, 3), num_inference_steps=5)
 
 
 def test_config_must_be_a_deis_config():
     with pytest.raises(ValueError, match="config"):
         dj.set_timesteps({"solver_order": 2}, 10, (1,))
+
+
+def test_epsilon_output_is_eps_unchanged():
+    """Without thresholding an epsilon model's output is eps itself: not recomputed through x0
+    (eps = (x - alpha x0) / sigma would add rounding, amplified by 1 / sigma on the last steps)."""
+    state = dj.set_timesteps(dj.DEISConfig(), 10, (8, 8), begin_index=9)
+    x, m = jax.random.normal(jax.random.key(0), (2, 8, 8))
+    np.testing.assert_array_equal(dj.convert_model_output(state, m, x), m)
+
+
+def test_no_progress_bar_by_default(capsys):
+    """progress defaults to False in run_loop, sample_from_noise, sample and img2img."""
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    state = dj.set_timesteps(dj.DEISConfig(), 4, x.shape)
+    dj.run_loop(toy_model, x, state)
+    dj.sample_from_noise(toy_model, x, num_inference_steps=4)
+    dj.sample(toy_model, jax.random.key(0), (2, 3), num_inference_steps=4)
+    dj.img2img(toy_model, x, x, strength=0.5, num_inference_steps=4)
+    assert "DEIS" not in capsys.readouterr().err
+
+
+def test_check_finite_names_the_model_output_step_when_the_sample_stays_finite():
+    """An inf in a sample prediction is clipped by thresholding (s = median of |x0|, finite), so only
+    the model output is non-finite: the error names its step, not the sample's (none)."""
+    config = dj.DEISConfig(prediction_type="sample", thresholding=True, dynamic_thresholding_ratio=0.5)
+    bad_t = dj.set_timesteps(config, 6, (1, 16)).timesteps[3]
+
+    def model(x, t):
+        return jnp.where((t == bad_t) & (jnp.arange(16) == 0), jnp.inf, 0.5 * x)
+
+    x = jax.random.normal(jax.random.key(0), (1, 16))
+    assert np.isfinite(dj.sample_from_noise(model, x, config=config, num_inference_steps=6)).all()
+    with pytest.raises(dj.NonFiniteError, match=r"the model output became non-finite .* at step 3 "):
+        dj.sample_from_noise(model, x, config=config, num_inference_steps=6, check_finite=True)

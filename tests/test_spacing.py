@@ -80,7 +80,7 @@ def test_run_loop_rejects_a_state_that_has_taken_steps():
     state = dj.set_timesteps(dj.DEISConfig(), 10, (2,))
     x = jnp.ones((2,))
     _, stepped = dj.step(state, toy_model(x, state.timesteps[0]), state.timesteps[0], x)
-    with pytest.raises(ValueError, match="step_index=1"):
+    with pytest.raises(ValueError, match="^state.step_index=1 is invalid for run_loop"):
         dj.run_loop(toy_model, x, stepped)
 
 
@@ -145,3 +145,52 @@ def test_readme_says_what_the_model_receives(schedule_name, solver_types, what):
             assert 0 <= t.min() and t.max() <= config.num_train_timesteps - 1
             fractional = np.any(t != np.round(t))
             assert fractional == (solver_type == "rhork"), (solver_type, t)
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"timestep_spacing": "linspace"}, [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]),
+    ({"timestep_spacing": "leading"}, [900, 810, 720, 630, 540, 450, 360, 270, 180, 90]),
+    ({"timestep_spacing": "leading", "steps_offset": 1}, [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]),
+    ({"timestep_spacing": "trailing"}, [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
+    ({"timestep_spacing": "quadratic"}, [999, 809, 639, 490, 360, 250, 160, 90, 40, 10]),
+])
+def test_spaced_timesteps_follow_diffusers_rules(kwargs, expected):
+    """10 of 1000 steps, by hand from diffusers' rules: linspace round(linspace(0, 999, 11)) (499.5 -> 500);
+    leading k * (1000 // 11) + steps_offset; trailing round(arange(1000, 0, -100)) - 1; quadratic
+    round(999 (1 - k / 10)^2); each descending, the last point dropped."""
+    state = dj.set_timesteps(dj.DEISConfig(**kwargs), 10, (1,))
+    assert np.asarray(state.timesteps).tolist() == expected
+
+
+def test_sigma_to_t_clamps_outside_the_training_range():
+    """Exact at the end points of the training rhos, clamped to 0 and 999 beyond them."""
+    rhos = schedule.train_rhos(dj.DEISConfig())
+    sigma = np.array([1e6, rhos[-1], rhos[0], 1e-9])
+    np.testing.assert_allclose(spacing.sigma_to_t(sigma, np.log(rhos)), [999, 999, 0, 0], atol=1e-9)
+
+
+def test_discrete_sigma_grid_spans_the_training_range():
+    """A Karras grid rounded for rhoab starts at the last training timestep, at its training sigma."""
+    config = dj.DEISConfig(solver_type="rhoab", use_karras_sigmas=True)
+    state = dj.set_timesteps(config, 10, (1,))
+    assert int(state.timesteps[0]) == 999
+    np.testing.assert_allclose(float(state.sigmas[0]), schedule.train_rhos(config)[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("grid", ["quadratic", "karras"])
+def test_continuous_grids_from_t_max_to_t_min(grid):
+    """Continuous time, 8 steps from t_max (not 1, where t_max**p = t_max) to t_min: quadratic is uniform
+    in sqrt(t); Karras is uniform in rho^(1/7) between rho(t_max) and rho(t_min)."""
+    kwargs = {"timestep_spacing": "quadratic"} if grid == "quadratic" else {"use_karras_sigmas": True}
+    config = dj.DEISConfig(time_schedule="vp_linear", t_max=0.8, **kwargs)
+    with jax.enable_x64(True):
+        state = dj.set_timesteps(config, 8, (1,), dtype=jnp.float64)
+    t, rho = np.asarray(state.timesteps), np.asarray(state.sigmas)
+    ends = schedule.continuous_rho(config, np.array([config.t_max, config.t_min]))
+    np.testing.assert_allclose(rho[[0, -1]], ends, rtol=1e-10)
+    if grid == "quadratic":
+        np.testing.assert_allclose(t, np.linspace(config.t_max**0.5, config.t_min**0.5, 9)[:-1] ** 2, rtol=1e-12)
+    else:
+        assert t[0] == config.t_max
+        r = rho ** (1 / 7)
+        np.testing.assert_allclose(np.diff(r), np.full(8, (r[-1] - r[0]) / 8), rtol=1e-6)
