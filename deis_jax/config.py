@@ -201,6 +201,10 @@ class DEISConfig:
                   "starts at sigma = inf, where a Karras/exponential/beta grid is undefined; use a "
                   "timestep_spacing (Lin et al. recommend 'trailing')")
 
+        from deis_jax import spacing  # noqa: PLC0415 (spacing imports this module)
+
+        spacing.check_config(self)  # a usable step grid: finite noise levels, timesteps in range
+
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> "DEISConfig":
         """Build from a diffusers scheduler config: a dict or a path to `scheduler_config.json`.

@@ -59,11 +59,33 @@ def alphas_cumprod(config: DEISConfig) -> np.ndarray:
 
     A final alpha_bar of 0 is kept when the prediction type determines x0 there
     (`zero_terminal_snr`); for epsilon or flow prediction x0 = (x - sigma eps) / 0 is undefined,
-    so it is clamped to 2**-24 as diffusers' other schedulers do.
+    so it is clamped to 2**-24 as diffusers' other schedulers do, and so is every alpha_bar below
+    that (rescaled zero-SNR betas have some just before the end), so that rho still rises with t.
+
+    Raises ValueError (naming the betas' field) for betas with rho_0 = 0 (1 - beta_0 rounds to 1
+    in float32: log rho and eps = (x - alpha x0) / sigma are undefined at the grid's end) or with an
+    infinite rho before the last timestep (alpha_bar below float32's range).
     """
     ac = np.cumprod(1.0 - betas(config), dtype=np.float64).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        bad = ~np.isfinite(np.sqrt((1 - ac) / ac))
+    bad[-1] &= ac[-1] != 0  # a zero terminal alpha_bar is kept or clamped
+    if ac[0] == 1 or bad.any():
+        if config.trained_betas is not None:
+            field, value = "trained_betas", "<array>"
+        elif config.beta_schedule == "squaredcos_cap_v2":
+            field, value = "num_train_timesteps", config.num_train_timesteps
+        else:
+            field = "beta_start" if ac[0] == 1 else "beta_end"
+            value = getattr(config, field)
+        why = ("1 - beta rounds to 1 in float32 at t = 0, so sigma(t = 0) = 0, where the sampler's last step is "
+               "undefined; the first beta must exceed 2**-25" if ac[0] == 1 else
+               f"alpha_bar = prod(1 - beta) falls below float32's range by timestep {int(np.argmax(bad))} of "
+               f"{len(ac)}, so sigma is infinite there (only the last alpha_bar may be 0: zero terminal SNR); "
+               "use smaller betas")
+        raise ValueError(f"DEISConfig.{field}={value} is invalid: {why}.")
     if ac[-1] == 0 and not zero_terminal_snr(config):
-        ac[-1] = ZERO_SNR_CLAMP
+        ac = np.maximum(ac, np.float32(ZERO_SNR_CLAMP))
     ac.flags.writeable = False  # cached: computed once per config
     return ac
 

@@ -103,3 +103,29 @@ def test_public_api():
     for name in dj.__all__:
         assert hasattr(dj, name)
     assert "logrho" in dj.SOLVER_TYPES and "trailing" in dj.TIMESTEP_SPACINGS
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"beta_start": 0.0}, "beta_start"),  # beta_0 = 0: sigma(t = 0) = 0 (NaN weights, log 0 before)
+    ({"beta_start": 1e-9, "beta_schedule": "scaled_linear"}, "beta_start"),  # 1 - beta_0 rounds to 1 in float32
+    ({"trained_betas": [0.0] + [0.01] * 999}, "trained_betas"),
+    ({"beta_end": 0.5}, "beta_end"),  # alpha_bar underflows float32 long before t = 999: infinite sigmas
+    ({"trained_betas": [0.5] * 999 + [1.0], "prediction_type": "v_prediction"}, "trained_betas"),
+    ({"timestep_spacing": "leading", "steps_offset": 500}, "steps_offset"),  # every leading grid passes t = 999
+    ({"use_flow_sigmas": True, "flow_shift": 1e6}, "flow_shift"),  # first flow sigma rounds to 1 (alpha = 0)
+    ({"use_flow_sigmas": True, "flow_shift": 1e-50}, "flow_shift"),  # flow sigmas round to 0
+])
+def test_configs_without_a_usable_grid_are_rejected(kwargs, field):
+    """Values each field accepts alone, whose schedule has no usable step grid for any step count:
+    accepted before, then NaN weights, `math domain error` or infinite sigmas at set_timesteps."""
+    with pytest.raises(ValueError, match=rf"DEISConfig\.{field}=.* is invalid"):
+        DEISConfig(**kwargs)
+
+
+def test_usable_grids_at_the_limits_are_accepted():
+    DEISConfig(beta_start=1e-7, beta_schedule="scaled_linear")  # 1 - beta_0 < 1 in float32
+    DEISConfig(beta_end=0.5, num_train_timesteps=50)
+    DEISConfig(trained_betas=[0.01] * 999 + [1.0], prediction_type="v_prediction")
+    DEISConfig(timestep_spacing="leading", steps_offset=499)  # N = 1: timestep 500 + 499 = 999
+    DEISConfig(use_flow_sigmas=True, flow_shift=1e4)
+    DEISConfig(use_flow_sigmas=True, flow_shift=1e-30)
