@@ -150,8 +150,11 @@ def continuous_t(config: DEISConfig, rho: np.ndarray) -> np.ndarray:
 def rho_at(config: DEISConfig, t, xp=np):
     """rho at a (possibly fractional) timestep t: analytic for continuous schedules; for discrete
     ones, linear interpolation of log rho between the training timesteps (the inverse of
-    `spacing.sigma_to_t`). This is the noise level a model given t is trained for."""
+    `spacing.sigma_to_t`). This is the noise level a model given t is trained for; past N - 2 it is
+    inf on a zero-terminal-SNR schedule (interpolated without the node at infinity: 0 * inf = NaN)."""
     if config.is_continuous:
         return continuous_rho(config, t, xp)
-    log_rho = xp.asarray(np.log(train_rhos(config)).astype(np.float64))
-    return xp.exp(xp.interp(t, xp.arange(log_rho.shape[0], dtype=log_rho.dtype), log_rho))
+    log_rho = np.log(train_rhos(config)).astype(np.float64)
+    finite = log_rho[:-1] if np.isinf(log_rho[-1]) else log_rho
+    rho = xp.exp(xp.interp(t, xp.arange(len(finite), dtype=finite.dtype), xp.asarray(finite)))
+    return rho if finite is log_rho else xp.where(t > len(finite) - 1, xp.inf, rho)

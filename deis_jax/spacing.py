@@ -147,11 +147,11 @@ def _continuous_grid(config: DEISConfig, n: int):
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
         t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
-        t[0], t[-1] = t_hi, t_lo
     elif config.timestep_spacing == "quadratic":
         t = np.linspace(t_hi**0.5, t_lo**0.5, n + 1) ** 2
     else:  # linspace, leading and trailing only differ in rounding to integers: uniform in t
         t = np.linspace(t_hi, t_lo, n + 1)
+    t[0], t[-1] = t_hi, t_lo  # exactly, whatever the rounding through rho or sqrt(t)
     return t[:-1], schedule.continuous_rho(config, t)
 
 

@@ -79,6 +79,17 @@ def test_zero_terminal_snr_clamp_keeps_the_noise_levels_monotone():
     assert np.all(np.diff(sigmas) <= 0) and sigmas[0] == pytest.approx(4096.0, rel=1e-6)
 
 
+def test_rho_at_on_a_zero_terminal_snr_schedule():
+    """rho_at is the training rho at every timestep (finite up to N - 2), inf past N - 2, also with
+    jax.numpy (whose interp gave 0 * inf = NaN at t = N - 2, next to the node at infinity)."""
+    config = dj.DEISConfig(trained_betas=_rescaled_zero_snr_betas(), prediction_type="v_prediction")
+    rhos = schedule.train_rhos(config)
+    t = np.arange(1000.0)
+    np.testing.assert_allclose(schedule.rho_at(config, t), rhos, rtol=1e-6)
+    np.testing.assert_allclose(schedule.rho_at(config, jnp.asarray(t), xp=jnp), rhos, rtol=1e-5)
+    assert np.all(np.isinf(schedule.rho_at(config, jnp.array([998.5, 999.0]), xp=jnp)))
+
+
 def test_zero_snr_rejected_for_solvers_without_the_exact_first_step():
     with pytest.raises(ValueError, match="solver_type"):
         dj.DEISConfig(trained_betas=_rescaled_zero_snr_betas(), prediction_type="v_prediction", solver_type="tab")

@@ -208,3 +208,13 @@ def test_mu_that_pushes_flow_sigmas_to_one_or_zero_is_rejected(mu):
     with pytest.raises(ValueError, match=f"mu={mu}"):
         dj.set_timesteps(config, 10, (2,), mu=mu)
     assert np.isfinite(np.asarray(dj.set_timesteps(config, 10, (2,), mu=mu / 2).weights)).all()
+
+
+@pytest.mark.parametrize("time_schedule,t_max", [("vp_linear", 0.5), ("vp_cosine", None)])
+def test_continuous_quadratic_grid_starts_and_ends_exactly_at_t_max_and_t_min(time_schedule, t_max):
+    """Uniform in sqrt(t): (sqrt(0.5))**2 = 0.5000000000000001 put the first model time past t_max."""
+    config = dj.DEISConfig(time_schedule=time_schedule, timestep_spacing="quadratic", t_min=1e-5, t_max=t_max)
+    for n in (1, 7, 100):
+        grid = spacing.grid(config, n)
+        assert grid.timesteps[0] == config.t_max and grid.timesteps.max() <= config.t_max
+        assert grid.sigmas[-1] == schedule.continuous_rho(config, np.float64(config.t_min))
