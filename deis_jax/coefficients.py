@@ -109,11 +109,9 @@ def logrho_weights(rhos, orders: np.ndarray, max_order: int, xp: ModuleType = np
     log_rho = xp.log(rhos)
     h = (log_rho[1:] - log_rho[:-1])[:, None]
     q = _basis_per_step(log_rho, orders, max_order, xp) @ _exp_integral_operator(max_order)
-    # rho_i [e^h Q(h) - Q(0)] = rho_i [(e^h - 1) Q(h) + Q(h) - Q(0)]; a step to rho = 0 (h = -inf) is the
-    # limit -rho_i Q(0), since e^h Q(h) -> 0.
+    # rho_i [e^h Q(h) - Q(0)] = rho_i [(e^h - 1) Q(h) + Q(h) - Q(0)]
     q_h = _polyval(q, h[..., None], xp)
-    step = rhos[:n, None] * (xp.expm1(h) * q_h + q_h - q[..., 0])
-    return xp.where(rhos[1:, None] == 0, -rhos[:n, None] * q[..., 0], step)
+    return rhos[:n, None] * (xp.expm1(h) * q_h + q_h - q[..., 0])
 
 
 def rhoab_weights(rhos, orders: np.ndarray, max_order: int, xp: ModuleType = np):
@@ -146,8 +144,6 @@ def _quadrature_points(config: DEISConfig, log_rho: np.ndarray):
     steps, los, his = [], [], []
     for i in range(len(log_rho) - 1):
         lo, hi = sorted((log_rho[i], log_rho[i + 1]))
-        if np.isinf(lo):  # a step to rho = 0: the integrand carries e^u, cut 60 e-folds down (1e-26 relative)
-            lo = hi - 60.0
         inner = knots[(knots > lo) & (knots < hi)] if knots is not None else np.array([0.5 * (lo + hi)])
         edges = np.concatenate([[lo], inner, [hi]])
         sign = 1.0 if log_rho[i + 1] >= log_rho[i] else -1.0
@@ -164,8 +160,7 @@ def _quadrature_points(config: DEISConfig, log_rho: np.ndarray):
 def tab_weights(config: DEISConfig, rhos: np.ndarray, orders: np.ndarray) -> np.ndarray:
     """Integrals of ell_j(t) over [rho_i, rho_{i+1}] = int ell_j(t(u)) e^u du, by Gauss-Legendre
     (float64 numpy; the nodes t_i are the model times of the grid)."""
-    with np.errstate(divide="ignore"):  # log 0 = -inf on a step to rho = 0
-        log_rho = np.log(rhos)
+    log_rho = np.log(rhos)
     times = spacing.model_time(config, log_rho)
     step, u, weight = _quadrature_points(config, log_rho)
     p = _basis_per_step(times, orders, config.solver_order, np)
@@ -209,7 +204,7 @@ def build(config: DEISConfig, grid: spacing.Grid, begin_index: int) -> dict[str,
         if config.solver_type == "tab":
             integrals = tab_weights(config, rhos, orders)
         else:
-            with np.errstate(invalid="ignore", divide="ignore"):  # rho = inf (zero SNR) or 0: limits taken
+            with np.errstate(invalid="ignore"):  # a node at rho = inf (zero SNR) is replaced below
                 integrals = MULTISTEP_WEIGHTS[config.solver_type](rhos, orders, config.solver_order)
     from_inf = np.isinf(grid.sigmas[:-1])
     first_lag = np.arange(integrals.shape[1]) == 0

@@ -223,17 +223,10 @@ class DEISConfig:
             _fail(chosen[0], True, "a zero-terminal-SNR schedule (last trained beta = 1) with sample/v prediction "
                   "starts at sigma = inf, where a Karras/exponential/beta grid is undefined; use a "
                   "timestep_spacing (Lin et al. recommend 'trailing')")
-        if not self.is_continuous and not self.use_flow_sigmas:
-            from deis_jax.schedule import alphas_cumprod  # (schedule imports this module)
 
-            vanished = np.flatnonzero(alphas_cumprod(self)[:-1] == 0)
-            if vanished.size:
-                field = ("trained_betas" if self.trained_betas is not None
-                         else "beta_start" if self.beta_start > self.beta_end else "beta_end")
-                _fail(field, "<array>" if self.trained_betas is not None else getattr(self, field),
-                      f"alpha_bar = prod(1 - beta) underflows to 0 in float32 from timestep {vanished[0]} on, before "
-                      f"the last of {self.num_train_timesteps} (sigma would be inf mid-schedule); the betas are too "
-                      "large: only the last alpha_bar may be 0 (zero terminal SNR)")
+        from deis_jax import spacing  # noqa: PLC0415 (spacing imports this module)
+
+        spacing.check_config(self)  # a usable step grid: finite noise levels, timesteps in range
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> DEISConfig:

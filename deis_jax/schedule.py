@@ -59,11 +59,34 @@ def alphas_cumprod(config: DEISConfig) -> np.ndarray:
 
     A final alpha_bar of 0 is kept when the prediction type determines x0 there
     (`zero_terminal_snr`); for epsilon or flow prediction x0 = (x - sigma eps) / 0 is undefined,
-    so it is clamped to 2**-24 as diffusers' other schedulers do.
+    so it is clamped to 2**-24 as diffusers' other schedulers do, and so is every alpha_bar below
+    that (rescaled zero-SNR betas have some just before the end), so that rho still rises with t.
+
+    Raises ValueError (naming the betas' field) for betas with rho_0 = 0 (1 - beta_0 rounds to 1
+    in float32: log rho and eps = (x - alpha x0) / sigma are undefined at the grid's end) or with an
+    infinite rho before the last timestep (alpha_bar below float32's range).
     """
     ac = np.cumprod(1.0 - betas(config), dtype=np.float64).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        bad = ~np.isfinite(np.sqrt((1 - ac) / ac))
+    bad[-1] &= ac[-1] != 0  # a zero terminal alpha_bar is kept or clamped
+    if ac[0] == 1 or bad.any():
+        value: object
+        if config.trained_betas is not None:
+            field, value = "trained_betas", "<array>"
+        elif config.beta_schedule == "squaredcos_cap_v2":
+            field, value = "num_train_timesteps", config.num_train_timesteps
+        else:  # the end whose beta is the larger one made alpha_bar vanish
+            field = "beta_start" if ac[0] == 1 or config.beta_start > config.beta_end else "beta_end"
+            value = getattr(config, field)
+        why = ("1 - beta rounds to 1 in float32 at t = 0, so sigma(t = 0) = 0, where the sampler's last step is "
+               "undefined; the first beta must exceed 2**-25" if ac[0] == 1 else
+               f"alpha_bar = prod(1 - beta) falls below float32's range by timestep {int(np.argmax(bad))} of "
+               f"{len(ac)}, so sigma is infinite there (only the last alpha_bar may be 0: zero terminal SNR); "
+               "use smaller betas")
+        raise ValueError(f"DEISConfig.{field}={value} is invalid: {why}.")
     if ac[-1] == 0 and not zero_terminal_snr(config):
-        ac[-1] = ZERO_SNR_CLAMP
+        ac = np.maximum(ac, np.float32(ZERO_SNR_CLAMP))
     ac.flags.writeable = False  # cached: computed once per config
     return ac
 
@@ -83,11 +106,10 @@ SIGMA_FLOOR = 1e-10  # diffusers' floor before taking log sigma (`_sigma_to_t`)
 
 @functools.lru_cache(maxsize=32)
 def log_train_rhos(config: DEISConfig) -> np.ndarray:
-    """log rho_t at every training timestep, as diffusers takes it (the log of the float32 table,
-    floored at log 1e-10, so a first alpha_bar of 1 gives a finite knot), stored in float64.
-    The knots of t(rho) for placing timesteps, tAB's quadrature and `rho_at`."""
+    """log rho_t at every training timestep, as diffusers takes it (the log of the float32 table), stored
+    in float64: the knots of t(rho) for placing timesteps, tAB's quadrature and `rho_at`."""
     with np.errstate(divide="ignore"):
-        logs = np.log(np.maximum(train_rhos(config), np.float32(SIGMA_FLOOR))).astype(np.float64)
+        logs = np.log(train_rhos(config)).astype(np.float64)
     logs.flags.writeable = False
     return logs
 
@@ -142,8 +164,11 @@ def continuous_t(config: DEISConfig, rho: np.ndarray) -> np.ndarray:
 def rho_at(config: DEISConfig, t, xp=np):
     """rho at a (possibly fractional) timestep t: analytic for continuous schedules; for discrete
     ones, linear interpolation of log rho between the training timesteps (the inverse of
-    `spacing.sigma_to_t`). This is the noise level a model given t is trained for."""
+    `spacing.sigma_to_t`). This is the noise level a model given t is trained for; past N - 2 it is
+    inf on a zero-terminal-SNR schedule (interpolated without the node at infinity: 0 * inf = NaN)."""
     if config.is_continuous:
         return continuous_rho(config, t, xp)
-    log_rho = xp.asarray(log_train_rhos(config))
-    return xp.exp(xp.interp(t, xp.arange(log_rho.shape[0], dtype=log_rho.dtype), log_rho))
+    log_rho = log_train_rhos(config)
+    finite = log_rho[:-1] if np.isinf(log_rho[-1]) else log_rho
+    rho = xp.exp(xp.interp(t, xp.arange(len(finite), dtype=finite.dtype), xp.asarray(finite)))
+    return rho if finite is log_rho else xp.where(t > len(finite) - 1, xp.inf, rho)

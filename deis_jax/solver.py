@@ -37,8 +37,7 @@ class DEISState:
     """Schedule and solver state, a pytree; `config`, `requested_steps`, `mu` and `begin_index` are
     static metadata (what `set_timesteps` was called with).
 
-    requested_steps: the `num_inference_steps` asked for (diffusers' trailing spacing can give one
-                   more step; `rhork` has solver_order evaluations per step).
+    requested_steps: the `num_inference_steps` asked for (`rhork` has solver_order evaluations per step).
     mu:            the dynamic-shifting parameter of the schedule, or None.
     begin_index:   the step the solve starts at (img2img); `run_loop` runs steps begin_index..N-1.
 
@@ -96,6 +95,13 @@ def _check_steps(config: DEISConfig, num_inference_steps: int) -> int:
             f"num_inference_steps={num_inference_steps!r} is invalid: must be an int in 1..{limit} "
             f"for timestep_spacing={config.timestep_spacing!r} and num_train_timesteps={config.num_train_timesteps}."
         )
+    top = spacing.leading_first_timestep(config, int(num_inference_steps))
+    if top is not None and top > config.num_train_timesteps - 1:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps!r} is invalid with timestep_spacing='leading' and "
+            f"steps_offset={config.steps_offset}: its first timestep, {top}, passes num_train_timesteps - 1 = "
+            f"{config.num_train_timesteps - 1}; choose another step count or a smaller steps_offset."
+        )
     return int(num_inference_steps)
 
 
@@ -110,6 +116,9 @@ def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
         value = math.nan
     if not math.isfinite(value):
         raise ValueError(f"mu={mu!r} is invalid: must be a finite Python float (it shapes the static schedule).")
+    if config.use_flow_sigmas:
+        with np.errstate(over="ignore"):
+            spacing.check_flow_shift(config, float(np.exp(value)), "mu", mu)
     return value
 
 

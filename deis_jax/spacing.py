@@ -21,10 +21,25 @@ KARRAS_RHO = 7.0  # Karras et al. (2022): sigmas uniform in sigma^(1/7)
 BETA_SIGMAS_AB = 0.6  # Lee et al., "Beta Sampling is All You Need": Beta(0.6, 0.6) quantiles
 
 
+def _leading_top(config: DEISConfig, n):
+    """The first (largest) timestep of diffusers' leading spacing: N (num_train_timesteps // (N + 1)) + steps_offset."""
+    return n * (config.num_train_timesteps // (n + 1)) + config.steps_offset
+
+
+def leading_first_timestep(config: DEISConfig, num_inference_steps: int) -> int | None:
+    """`_leading_top`, or None when the config does not place its steps by leading spacing."""
+    if (config.timestep_spacing != "leading" or config.is_continuous or config.use_flow_sigmas
+            or config.uses_sigma_grid):
+        return None
+    return int(_leading_top(config, num_inference_steps))
+
+
 def max_inference_steps(config: DEISConfig) -> int:
-    """The largest step count accepted: one whose discrete timesteps are all distinct (10,000 for
-    continuous time). diffusers' own sigma grids (flow, or Karras/exponential/beta for logrho) may
-    repeat timesteps, and accept up to num_train_timesteps steps, as diffusers does."""
+    """The largest step count accepted: one whose discrete timesteps are all distinct and within
+    0..num_train_timesteps-1 (10,000 for continuous time). diffusers' own sigma grids (flow, or
+    Karras/exponential/beta for logrho) may repeat timesteps, and accept up to num_train_timesteps
+    steps, as diffusers does. Leading spacing with a steps_offset also rejects the smaller counts
+    whose first timestep passes the end (`leading_first_timestep`); 0 if none fits."""
     if config.is_continuous:
         return 10_000
     n = config.num_train_timesteps
@@ -32,7 +47,47 @@ def max_inference_steps(config: DEISConfig) -> int:
         return n
     if config.uses_sigma_grid:  # rounded to N + 1 distinct timesteps in 0..n-1 (the last one is 0)
         return n - 1
+    if config.timestep_spacing == "leading":
+        steps = np.arange(1, n)
+        fits = steps[_leading_top(config, steps) <= n - 1]
+        return int(fits.max()) if fits.size else 0
     return n if config.timestep_spacing == "trailing" else n - 1
+
+
+def check_flow_shift(config: DEISConfig, shift: float, name: str, value) -> None:
+    """ValueError naming `name`=`value` unless the flow grids of every step count keep 0 < s < 1 in float32.
+
+    diffusers' flow sigmas are shift s / (1 + (shift - 1) s) for s = k (1 - 1/N_train) / N, k = N..1:
+    the largest at k = N must not round to 1 (alpha = 0), the smallest (N = N_train) not to 0.
+    """
+    n_train = config.num_train_timesteps
+    s = (1.0 - 1.0 / n_train) * np.array([1.0, 1.0 / n_train])
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends = (shift * s / (1.0 + (shift - 1.0) * s)).astype(np.float32)
+    if not (0 < ends[1] and ends[0] < 1):
+        raise ValueError(
+            f"{name}={value!r} is invalid: a flow shift of {shift:.3g} puts the flow grid's sigmas at 1 "
+            f"(alpha = 0) or 0 in float32; for num_train_timesteps={n_train} the shift must lie between "
+            f"about {2.0**-149 * n_train:.3g} and {2.0**25 / (n_train - 1):.3g}.")
+
+
+def check_config(config: DEISConfig) -> None:
+    """ValueError naming the field when no step count gives a usable grid (called by DEISConfig):
+    a training-noise table with sigma(t = 0) = 0 or an infinite sigma before the last timestep
+    (`schedule.alphas_cumprod`), leading spacing whose steps_offset passes num_train_timesteps - 1
+    for every step count, or a flow shift that rounds the flow sigmas to 1 or 0."""
+    if config.is_continuous:
+        return
+    if config.use_flow_sigmas:
+        check_flow_shift(config, config.flow_shift, "DEISConfig.flow_shift", config.flow_shift)
+        return
+    schedule.alphas_cumprod(config)
+    if max_inference_steps(config) == 0:
+        n, steps = config.num_train_timesteps, np.arange(1, config.num_train_timesteps)
+        raise ValueError(
+            f"DEISConfig.steps_offset={config.steps_offset!r} is invalid: with timestep_spacing='leading' the "
+            f"first timestep, N (num_train_timesteps // (N + 1)) + steps_offset, passes num_train_timesteps - 1 "
+            f"= {n - 1} for every step count N; must be at most {n - 1 - (steps * (n // (steps + 1))).min()}.")
 
 
 def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarray:
@@ -42,8 +97,8 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
     if config.timestep_spacing == "leading":
         ratio = n_train // (n + 1)
         return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + config.steps_offset
-    stride = n_train / n  # trailing
-    return np.arange(n_train, 0, -stride).round().astype(np.int64) - 1
+    stride = n_train / n  # trailing; float rounding can make diffusers' arange one longer (a -1 at the end)
+    return np.arange(n_train, 0, -stride)[:n].round().astype(np.int64) - 1
 
 
 def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
@@ -96,11 +151,11 @@ def _continuous_grid(config: DEISConfig, n: int):
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
         t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
-        t[0], t[-1] = t_hi, t_lo
     elif config.timestep_spacing == "quadratic":
         t = np.linspace(t_hi**0.5, t_lo**0.5, n + 1) ** 2
     else:  # linspace, leading and trailing only differ in rounding to integers: uniform in t
         t = np.linspace(t_hi, t_lo, n + 1)
+    t[0], t[-1] = t_hi, t_lo  # exactly, whatever the rounding through rho or sqrt(t)
     return t[:-1], schedule.continuous_rho(config, t)
 
 
@@ -148,12 +203,11 @@ def timesteps_and_sigmas(
 def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
     """The model time t at u = log rho (float64): analytic for continuous and flow schedules,
     piecewise linear between training timesteps for discrete ones (`sigma_to_t`)."""
-    if config.is_continuous:
-        return schedule.continuous_t(config, np.exp(log_rho))
+    if config.is_continuous:  # clipped: rho -> t rounding must not leave [t_min, t_max]
+        return np.clip(schedule.continuous_t(config, np.exp(log_rho)), config.t_min, config.t_max)
     if config.use_flow_sigmas:
         return config.num_train_timesteps / (1.0 + np.exp(-log_rho))  # s * N, s = rho / (1 + rho)
-    with np.errstate(over="ignore"):
-        return sigma_to_t(np.exp(log_rho), schedule.log_train_rhos(config))
+    return sigma_to_t(np.exp(log_rho), schedule.log_train_rhos(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +232,6 @@ def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None) 
         return Grid(timesteps, sigmas, sigmas)
     c = np.asarray(RUNGE_KUTTA[config.solver_order][0])
     rho = schedule.rho_from_sigma(config, sigmas)
-    stage_rho = (rho[:-1, None] + c[None, :] * (rho[1:] - rho[:-1])[:, None]).ravel()
+    stage_rho = ((1 - c)[None, :] * rho[:-1, None] + c[None, :] * rho[1:, None]).ravel()  # exact at c = 0, 1
     stage_sigmas = schedule.sigma_from_rho(config, np.append(stage_rho, rho[-1]))
-    with np.errstate(divide="ignore"):  # a last stage at rho = 0 is at t = 0
-        return Grid(model_time(config, np.log(stage_rho)), stage_sigmas, sigmas)
+    return Grid(model_time(config, np.log(stage_rho)), stage_sigmas, sigmas)

@@ -113,13 +113,14 @@ RANGES = [
     ({}, "num_train_timesteps", [2], [1, 0]),
     # Two training timesteps: a beta just below 1 keeps alpha_bar > 0 (over 1000 it underflows: test_edge_cases).
     # The betas are used in float32: the largest float32 below 1 is accepted, float64's rounds to 1 and is not.
-    ({"num_train_timesteps": 2}, "beta_start", [0.0, FLOAT32_BELOW_ONE],
-     [_below(0.0), -0.1, _below(1.0), 1.0, math.nan, math.inf]),
+    # beta_0 must keep 1 - beta_0 < 1 in float32 (sigma(t = 0) > 0): 2**-24 is the smallest float32 that does.
+    ({"num_train_timesteps": 2}, "beta_start", [2.0**-24, FLOAT32_BELOW_ONE],
+     [0.0, 2.0**-26, _below(0.0), -0.1, _below(1.0), 1.0, math.nan, math.inf]),
     ({"num_train_timesteps": 2}, "beta_end", [0.0, FLOAT32_BELOW_ONE], [_below(0.0), 1.0, math.nan, math.inf]),
-    ({}, "trained_betas", [_betas(first=0.0), _betas(middle=0.0), [0.01] * 500 + [FLOAT32_BELOW_ONE] + [0.01] * 499,
-                           _betas(last=1.0)],
-     [_betas(first=_below(0.0)), _betas(middle=-0.1), _betas(first=1.0), _betas(middle=1.0), _betas(middle=_below(1.0)),
-      _betas(last=_above(1.0)), _betas(middle=math.nan), _betas(last=math.inf)]),
+    ({}, "trained_betas",
+     [_betas(first=2.0**-24), _betas(middle=0.0), [0.01] * 500 + [FLOAT32_BELOW_ONE] + [0.01] * 499, _betas(last=1.0)],
+     [_betas(first=0.0), _betas(first=_below(0.0)), _betas(middle=-0.1), _betas(first=1.0), _betas(middle=1.0),
+      _betas(middle=_below(1.0)), _betas(last=_above(1.0)), _betas(middle=math.nan), _betas(last=math.inf)]),
     ({}, "sample_max_value", [_above(0.0), 1e300], [0.0, _below(0.0), math.inf, math.nan]),
     ({}, "flow_shift", [_above(0.0), 1e300], [0.0, -1.0, math.inf, math.nan]),
     ({}, "steps_offset", [0], [-1]),
@@ -268,3 +269,29 @@ def test_public_api():
     for name in dj.__all__:
         assert hasattr(dj, name)
     assert "logrho" in dj.SOLVER_TYPES and "trailing" in dj.TIMESTEP_SPACINGS
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"beta_start": 0.0}, "beta_start"),  # beta_0 = 0: sigma(t = 0) = 0 (NaN weights, log 0 before)
+    ({"beta_start": 1e-9, "beta_schedule": "scaled_linear"}, "beta_start"),  # 1 - beta_0 rounds to 1 in float32
+    ({"trained_betas": [0.0] + [0.01] * 999}, "trained_betas"),
+    ({"beta_end": 0.5}, "beta_end"),  # alpha_bar underflows float32 long before t = 999: infinite sigmas
+    ({"trained_betas": [0.5] * 999 + [1.0], "prediction_type": "v_prediction"}, "trained_betas"),
+    ({"timestep_spacing": "leading", "steps_offset": 500}, "steps_offset"),  # every leading grid passes t = 999
+    ({"use_flow_sigmas": True, "flow_shift": 1e6}, "flow_shift"),  # first flow sigma rounds to 1 (alpha = 0)
+    ({"use_flow_sigmas": True, "flow_shift": 1e-50}, "flow_shift"),  # flow sigmas round to 0
+])
+def test_configs_without_a_usable_grid_are_rejected(kwargs, field):
+    """Values each field accepts alone, whose schedule has no usable step grid for any step count:
+    accepted before, then NaN weights, `math domain error` or infinite sigmas at set_timesteps."""
+    with pytest.raises(ValueError, match=rf"DEISConfig\.{field}=.* is invalid"):
+        DEISConfig(**kwargs)
+
+
+def test_usable_grids_at_the_limits_are_accepted():
+    DEISConfig(beta_start=1e-7, beta_schedule="scaled_linear")  # 1 - beta_0 < 1 in float32
+    DEISConfig(beta_end=0.5, num_train_timesteps=50)
+    DEISConfig(trained_betas=[0.01] * 999 + [1.0], prediction_type="v_prediction")
+    DEISConfig(timestep_spacing="leading", steps_offset=499)  # N = 1: timestep 500 + 499 = 999
+    DEISConfig(use_flow_sigmas=True, flow_shift=1e4)
+    DEISConfig(use_flow_sigmas=True, flow_shift=1e-30)

@@ -19,10 +19,10 @@ from helpers import (
 )
 
 
-def _rescaled_zero_snr_betas(floor=0.0):
+def _rescaled_zero_snr_betas(floor=0.0, num_train_timesteps=1000):
     """Lin et al. (2023) "rescale betas to zero SNR" on the linear schedule; `floor` > 0 keeps
     the last alpha_bar at floor**2 instead of 0."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    alphas_bar_sqrt = np.sqrt(np.cumprod(1 - np.linspace(1e-4, 0.02, num_train_timesteps)))
     first, last = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
     alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first - floor) / (first - last) + floor
     alphas_bar = alphas_bar_sqrt**2
@@ -79,6 +79,31 @@ def test_zero_snr_rejected_for_solvers_without_the_exact_first_step(solver_type,
     # epsilon prediction clamps the last alpha_bar instead, which every solver can take
     config = dj.DEISConfig(trained_betas=betas, solver_type=solver_type)
     assert np.isfinite(dj.sample(toy_model, jax.random.key(0), (2, 3), config=config, num_inference_steps=6)).all()
+
+
+def test_zero_terminal_snr_clamp_keeps_the_noise_levels_monotone():
+    """Lin et al.'s rescaled betas put alpha_bar below 2**-24 already at t = 996..998 (rho up to 15406), so
+    clamping only the last entry (diffusers' Euler does) would make sigma(999) = 4096 the lower one: a
+    trailing grid's first step would climb from 4096 to 15406. Every alpha_bar is clamped to >= 2**-24."""
+    config = dj.DEISConfig(trained_betas=_rescaled_zero_snr_betas(), prediction_type="epsilon",
+                           timestep_spacing="trailing")
+    exact = np.cumprod(1 - np.asarray(config.trained_betas, np.float64))
+    assert np.sum(exact < 2.0**-24) == 4  # t = 996..999
+    np.testing.assert_array_equal(schedule.alphas_cumprod(config)[-4:], np.float32(2.0**-24))
+    assert np.all(np.diff(schedule.train_rhos(config)) >= 0)
+    sigmas = np.asarray(dj.set_timesteps(config, 1000, (1,)).sigmas)
+    assert np.all(np.diff(sigmas) <= 0) and sigmas[0] == pytest.approx(4096.0, rel=1e-6)
+
+
+def test_rho_at_on_a_zero_terminal_snr_schedule():
+    """rho_at is the training rho at every timestep (finite up to N - 2), inf past N - 2, also with
+    jax.numpy (whose interp gave 0 * inf = NaN at t = N - 2, next to the node at infinity)."""
+    config = dj.DEISConfig(trained_betas=_rescaled_zero_snr_betas(), prediction_type="v_prediction")
+    rhos = schedule.train_rhos(config)
+    t = np.arange(1000.0)
+    np.testing.assert_allclose(schedule.rho_at(config, t), rhos, rtol=1e-6)
+    np.testing.assert_allclose(schedule.rho_at(config, jnp.asarray(t), xp=jnp), rhos, rtol=1e-5)
+    assert np.all(np.isinf(schedule.rho_at(config, jnp.array([998.5, 999.0]), xp=jnp)))
 
 
 def _gaussian_model(config, prediction_type):

@@ -2,6 +2,7 @@
 
 import itertools
 import os
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,75 @@ def test_continuous_grids_from_t_max_to_t_min(grid):
         assert t[0] == config.t_max
         r = rho ** (1 / 7)
         np.testing.assert_allclose(np.diff(r), np.full(8, (r[-1] - r[0]) / 8), rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_train_timesteps,n", [(1000, 61), (1000, 998), (15, 13)])
+def test_trailing_spacing_takes_exactly_the_requested_steps(num_train_timesteps, n):
+    """Trailing timesteps are round(N_train - k N_train / N) - 1 for k < N. diffusers computes them with
+    np.arange(N_train, 0, -N_train / N), which float rounding makes one element longer for some N
+    (61 of 1000): a timestep -1 past the end, two zero-length steps and N + 1 model evaluations."""
+    config = dj.DEISConfig(num_train_timesteps=num_train_timesteps, timestep_spacing="trailing")
+    state = dj.set_timesteps(config, n, (1,))
+    ratio = Fraction(num_train_timesteps, n)
+    expected = [round(num_train_timesteps - k * ratio) - 1 for k in range(n)]  # exact, half to even
+    np.testing.assert_array_equal(state.timesteps, expected)
+    sigmas = np.asarray(state.sigmas)
+    assert np.all(np.diff(sigmas[:-1]) < 0)
+    assert sigmas[-1] < sigmas[-2] or expected[-1] == 0  # a last step from t = 0 to sigma(t = 0) has length zero
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+@pytest.mark.parametrize("kwargs", [{}, {"time_schedule": "vp_cosine", "timestep_spacing": "quadratic"},
+                                    {"time_schedule": "vp_linear"}, {"use_flow_sigmas": True, "flow_shift": 3.0}])
+def test_rhork_stages_stay_within_their_step(kwargs, order):
+    """Stage s of step i is at rho_i + c_s (rho_{i+1} - rho_i): a stage with c = 1 is the step's end
+    exactly (rounding must not put it past the end, below the last sigma, where a continuous model
+    would get t < t_min), and evaluation sigmas never increase."""
+    config = dj.DEISConfig(solver_type="rhork", solver_order=order, **kwargs)
+    c = np.asarray(dj.config.RUNGE_KUTTA[order][0])
+    for n in (1, 2, 7):
+        grid = spacing.grid(config, n, None)
+        stages = grid.sigmas[:-1].reshape(n, order)
+        rtol = 1e-15 if config.use_flow_sigmas else 0  # flow: s -> rho -> s rounds
+        np.testing.assert_allclose(stages[:, c == 1][:, 0], grid.step_sigmas[1:], rtol=rtol, atol=0)
+        np.testing.assert_allclose(stages[:, c == 0][:, 0], grid.step_sigmas[:-1], rtol=rtol, atol=0)
+        assert np.all(np.diff(grid.sigmas) <= 0)
+        if config.is_continuous:
+            assert config.t_min <= grid.timesteps.min() and grid.timesteps.max() <= config.t_max
+
+
+def test_leading_spacing_keeps_timesteps_below_num_train_timesteps():
+    """diffusers' leading timesteps are k (N_train // (N + 1)) + steps_offset, k = N..1; a step count
+    whose first timestep would pass N_train - 1 is rejected (with steps_offset=1, N = 999 would start
+    at t = 1000 and clamp its sigma to sigma(999), a zero-length first step), and every other is taken."""
+    config = dj.DEISConfig(timestep_spacing="leading", steps_offset=1)
+    assert spacing.max_inference_steps(config) == 998
+    assert np.asarray(dj.set_timesteps(config, 998, (1,)).timesteps).max() == 999
+    with pytest.raises(ValueError, match="num_inference_steps=999"):
+        dj.set_timesteps(config, 999, (1,))
+    config = dj.DEISConfig(timestep_spacing="leading", steps_offset=2)  # N = 499: 499 * 2 + 2 = 1000
+    with pytest.raises(ValueError, match="num_inference_steps=499 .*steps_offset=2"):
+        dj.set_timesteps(config, 499, (1,))
+    for n in (498, 500, 997):
+        t = np.asarray(dj.set_timesteps(config, n, (1,)).timesteps)
+        assert t.max() == n * (1000 // (n + 1)) + 2 <= 999 and np.all(np.diff(t) < 0)
+
+
+@pytest.mark.parametrize("mu", [20.0, -110.0])
+def test_mu_that_pushes_flow_sigmas_to_one_or_zero_is_rejected(mu):
+    """exp(20) puts the first flow sigma at 1 in float32 (alpha = 0, NaN weights before); exp(-110)
+    puts the last at 0."""
+    config = dj.DEISConfig(use_flow_sigmas=True, use_dynamic_shifting=True, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match=f"mu={mu}"):
+        dj.set_timesteps(config, 10, (2,), mu=mu)
+    assert np.isfinite(np.asarray(dj.set_timesteps(config, 10, (2,), mu=mu / 2).weights)).all()
+
+
+@pytest.mark.parametrize("time_schedule,t_max", [("vp_linear", 0.5), ("vp_cosine", None)])
+def test_continuous_quadratic_grid_starts_and_ends_exactly_at_t_max_and_t_min(time_schedule, t_max):
+    """Uniform in sqrt(t): (sqrt(0.5))**2 = 0.5000000000000001 put the first model time past t_max."""
+    config = dj.DEISConfig(time_schedule=time_schedule, timestep_spacing="quadratic", t_min=1e-5, t_max=t_max)
+    for n in (1, 7, 100):
+        grid = spacing.grid(config, n)
+        assert grid.timesteps[0] == config.t_max and grid.timesteps.max() <= config.t_max
+        assert grid.sigmas[-1] == schedule.continuous_rho(config, np.float64(config.t_min))
