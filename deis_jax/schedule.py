@@ -169,6 +169,7 @@ def rho_at(config: DEISConfig, t, xp=np):
     if config.is_continuous:
         return continuous_rho(config, t, xp)
     log_rho = log_train_rhos(config)
-    finite = log_rho[:-1] if np.isinf(log_rho[-1]) else log_rho
-    rho = xp.exp(xp.interp(t, xp.arange(len(finite), dtype=finite.dtype), xp.asarray(finite)))
-    return rho if finite is log_rho else xp.where(t > len(finite) - 1, xp.inf, rho)
+    zero_snr = np.isinf(log_rho[-1])
+    finite = xp.asarray(log_rho[:-1] if zero_snr else log_rho)
+    rho = xp.exp(xp.interp(t, xp.arange(finite.shape[0], dtype=finite.dtype), finite))
+    return xp.where(t > finite.shape[0] - 1, xp.inf, rho) if zero_snr else rho
