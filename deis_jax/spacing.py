@@ -106,7 +106,8 @@ def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
     log_sigma = np.log(np.maximum(sigma, schedule.SIGMA_FLOOR))
     low = np.clip(np.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
     lo, hi = log_train_rhos[low], log_train_rhos[low + 1]
-    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(lo == hi, 0.0, np.clip((lo - log_sigma) / (lo - hi), 0, 1))  # flat: any of its t; the lower
     return (1 - w) * low + w * (low + 1)
 
 

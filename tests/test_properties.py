@@ -529,6 +529,8 @@ FOUND = [
     # rho_at gave NaN next to the node at infinity (test_reliability)
     _pin(steps="max", num_train_timesteps=35, solver_order=1, prediction_type="v_prediction", thresholding=True,
          trained_betas=_rescaled_zero_snr_betas(num_train_timesteps=35).tolist(), timestep_spacing="trailing"),
+    # beta_end = 0: a flat top of the schedule, model time 0 / 0 = NaN there, NaN tab weights (test_spacing)
+    _pin(solver_type="tab", beta_end=0.0, style="eager"),
     # diffusers' grids kept for parity: one zero-length step (flow, Karras with logrho at N = 1)
     _pin(use_flow_sigmas=True, flow_shift=3.0, begin="last"),
     _pin(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2", dtype="bfloat16"),

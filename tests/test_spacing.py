@@ -267,3 +267,18 @@ def test_continuous_quadratic_grid_starts_and_ends_exactly_at_t_max_and_t_min(ti
         grid = spacing.grid(config, n)
         assert grid.timesteps[0] == config.t_max and grid.timesteps.max() <= config.t_max
         assert grid.sigmas[-1] == schedule.continuous_rho(config, np.float64(config.t_min))
+
+
+@pytest.mark.parametrize("kwargs", [{"solver_type": "tab"}, {"solver_type": "rhork"},
+                                    {"solver_type": "rhoab", "use_karras_sigmas": True}])
+def test_flat_top_of_the_schedule_gives_finite_model_times(kwargs):
+    """beta_end = 0 makes the last two training rhos equal; the time of a sigma on that flat piece
+    interpolated 0 / 0 = NaN (tab then had NaN weights). Any timestep of the flat piece is right."""
+    config = dj.DEISConfig(beta_end=0.0, **kwargs)
+    rhos = schedule.train_rhos(config)
+    assert rhos[-1] == rhos[-2]
+    assert spacing.sigma_to_t(rhos[-1:].astype(np.float64), np.log(rhos).astype(np.float64))[0] in (998, 999)
+    for n in (1, 5):
+        state = dj.set_timesteps(config, n, (1,))
+        assert np.isfinite(np.asarray(state.timesteps, np.float64)).all()
+        assert np.isfinite(np.asarray(state.weights)).all()
