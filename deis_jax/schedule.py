@@ -101,9 +101,6 @@ def train_rhos(config: DEISConfig) -> np.ndarray:
     return rhos
 
 
-SIGMA_FLOOR = 1e-10  # diffusers' floor before taking log sigma (`_sigma_to_t`)
-
-
 @functools.lru_cache(maxsize=32)
 def log_train_rhos(config: DEISConfig) -> np.ndarray:
     """log rho_t at every training timestep, as diffusers takes it (the log of the float32 table), stored

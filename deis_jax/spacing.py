@@ -18,6 +18,7 @@ from deis_jax import schedule
 from deis_jax.config import RUNGE_KUTTA, DEISConfig
 
 KARRAS_RHO = 7.0  # Karras et al. (2022): sigmas uniform in sigma^(1/7)
+SIGMA_FLOOR = 1e-10  # diffusers' floor before taking log sigma (`_sigma_to_t`)
 BETA_SIGMAS_AB = 0.6  # Lee et al., "Beta Sampling is All You Need": Beta(0.6, 0.6) quantiles
 
 
@@ -103,7 +104,7 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
 
 def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
     """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped."""
-    log_sigma = np.log(np.maximum(sigma, schedule.SIGMA_FLOOR))
+    log_sigma = np.log(np.maximum(sigma, SIGMA_FLOOR))
     low = np.clip(np.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
     lo, hi = log_train_rhos[low], log_train_rhos[low + 1]
     with np.errstate(divide="ignore", invalid="ignore"):
