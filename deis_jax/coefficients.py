@@ -21,9 +21,10 @@ The other variants of the paper change only the integral (the weights):
   ipndm  DDIM weight times fixed Adams-Bashforth weights (55, -59, 37, -9)/24 and lower orders;
   rhork  Runge-Kutta in rho: several evaluations per step, each a row of the same tables.
 
-The weight functions take an array namespace `xp`: `build` calls them with numpy in float64
-for a static grid (the caller casts the finished table once), and they are traceable with
-`xp=jax.numpy` for grids that are themselves computed or learned under `jax.grad`.
+The closed-form weight functions (logrho, rhoab, ipndm, rhork) take an array namespace `xp`:
+`build` calls them with numpy in float64 for a static grid (the caller casts the finished table
+once), and they are traceable with `xp=jax.numpy` for grids that are themselves computed or learned
+under `jax.grad`. tAB's quadrature (`tab_weights`) is host-only numpy.
 """
 
 from __future__ import annotations

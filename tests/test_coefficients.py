@@ -179,3 +179,20 @@ def test_rhoab_integrates_polynomials_in_rho_exactly():
         expected = qk.integ()(rhos[i + 1]) - qk.integ()(rhos[i])
         np.testing.assert_allclose(np.sum(c[i, :k] * qk(rhos[i - lags])), expected, rtol=1e-12)
         np.testing.assert_array_equal(c[i, k:], 0.0)
+
+
+@pytest.mark.parametrize("name", ["logrho", "rhoab", "ipndm"])
+def test_weight_formulas_trace_in_jax_numpy(name):
+    """The host build uses numpy; the same functions with xp=jax.numpy run under jit (float64) to the
+    same table, and jax.grad reaches the grid (what a learned grid needs)."""
+    fn = coefficients.MULTISTEP_WEIGHTS[name]
+    config = dj.DEISConfig(solver_order=3)
+    with jax.enable_x64(True):
+        state = dj.set_timesteps(config, 12, (1,), dtype=jnp.float64)
+        _, rho = _alpha_rho(state)
+        orders = np.asarray(state.orders)
+        host = fn(rho, orders, 3)
+        traced = jax.jit(lambda r: fn(r, orders, 3, xp=jnp))(jnp.asarray(rho))
+        np.testing.assert_allclose(np.asarray(traced), host, rtol=1e-12, atol=1e-15)
+        grad = jax.grad(lambda r: jnp.sum(fn(r, orders, 3, xp=jnp) ** 2))(jnp.asarray(rho))
+        assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
