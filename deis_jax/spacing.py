@@ -85,10 +85,11 @@ def check_config(config: DEISConfig) -> None:
     schedule.alphas_cumprod(config)
     if max_inference_steps(config) == 0:
         n, steps = config.num_train_timesteps, np.arange(1, config.num_train_timesteps)
+        largest_offset = n - 1 - (_leading_top(config, steps) - config.steps_offset).min()
         raise ValueError(
             f"DEISConfig.steps_offset={config.steps_offset!r} is invalid: with timestep_spacing='leading' the "
             f"first timestep, N (num_train_timesteps // (N + 1)) + steps_offset, passes num_train_timesteps - 1 "
-            f"= {n - 1} for every step count N; must be at most {n - 1 - (steps * (n // (steps + 1))).min()}.")
+            f"= {n - 1} for every step count N; must be at most {largest_offset}.")
 
 
 def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarray:
