@@ -105,8 +105,7 @@ def train_rhos(config: DEISConfig) -> np.ndarray:
 def log_train_rhos(config: DEISConfig) -> np.ndarray:
     """log rho_t at every training timestep, as diffusers takes it (the log of the float32 table), stored
     in float64: the knots of t(rho) for placing timesteps, tAB's quadrature and `rho_at`."""
-    with np.errstate(divide="ignore"):
-        logs = np.log(train_rhos(config)).astype(np.float64)
+    logs = np.log(train_rhos(config)).astype(np.float64)  # rho > 0: sigma(t = 0) = 0 is rejected
     logs.flags.writeable = False
     return logs
 
