@@ -1,7 +1,9 @@
 """deis_jax: the Diffusion Exponential Integrator Sampler (DEIS) in pure, jit-able JAX."""
 
 from deis_jax.config import (
+    ALGORITHM_TYPES as ALGORITHM_TYPES,
     BETA_SCHEDULES as BETA_SCHEDULES,
+    FINAL_SIGMAS_TYPES as FINAL_SIGMAS_TYPES,
     PREDICTION_TYPES as PREDICTION_TYPES,
     SOLVER_TYPES as SOLVER_TYPES,
     TIMESTEP_SPACINGS as TIMESTEP_SPACINGS,
@@ -30,7 +32,9 @@ from deis_jax.solver import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALGORITHM_TYPES",
     "BETA_SCHEDULES",
+    "FINAL_SIGMAS_TYPES",
     "PREDICTION_TYPES",
     "SOLVER_TYPES",
     "TIMESTEP_SPACINGS",

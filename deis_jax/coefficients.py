@@ -158,15 +158,17 @@ def _quadrature_points(config: DEISConfig, log_rho: np.ndarray):
     return np.repeat(np.asarray(steps), len(x)), u.ravel(), weight.ravel()
 
 
-def tab_weights(config: DEISConfig, rhos: np.ndarray, orders: np.ndarray) -> np.ndarray:
-    """Integrals of ell_j(t) over [rho_i, rho_{i+1}] = int ell_j(t(u)) e^u du, by Gauss-Legendre
-    (float64 numpy; the nodes t_i are the model times of the grid)."""
-    log_rho = np.log(rhos)
+def tab_weights(config: DEISConfig, kappas: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """Integrals of ell_j(t) over [kappa_i, kappa_{i+1}] = int ell_j(t(u)) (d kappa / du) du, u = log rho, by
+    Gauss-Legendre (float64 numpy; the nodes t_i are the model times of the grid). kappa = rho: d kappa / du
+    = e^u; in the data form kappa = 1 / rho: -e^-u."""
+    log_rho = np.log(schedule.integration_variable(config, kappas))
     times = spacing.model_time(config, log_rho)
     step, u, weight = _quadrature_points(config, log_rho)
     p = _basis_per_step(times, orders, config.solver_order, np)
     v = spacing.model_time(config, u) - times[step]
-    integrand = _polyval(p[step], v[:, None, None], np) * (weight * np.exp(u))[:, None]
+    jacobian = -np.exp(-u) if config.predicts_data else np.exp(u)
+    integrand = _polyval(p[step], v[:, None, None], np) * (weight * jacobian)[:, None]
     out = np.zeros((len(orders), config.solver_order))
     np.add.at(out, step, integrand)
     return out
@@ -192,26 +194,44 @@ MULTISTEP_WEIGHTS = {"logrho": logrho_weights, "rhoab": rhoab_weights, "ipndm": 
 def build(config: DEISConfig, grid: spacing.Grid, begin_index: int) -> dict[str, np.ndarray]:
     """Per evaluation e, float64: orders, alpha_t, sigma_t, a, b and lag weights c [E, K].
 
-    x_{e+1} = a_e x_e + b_e x0_e + sum_j c_{e,j} eps_{e-j}; b is nonzero only on a step from rho = inf
-    (zero terminal SNR), where the step is the limit of DDIM: x' = alpha' x0 + sigma' eps.
+    x_{e+1} = a_e x_e + b_e x0_e + sum_j c_{e,j} m_{e-j}, with m = eps (noise form) or x0 (data form);
+    in the data form kappa = 1 / rho and the scale is sigma: a = sigma_{e+1} / sigma_e, c = sigma_{e+1} *
+    integral of ell_j d kappa. Two steps are limits, closed form for every solver: from rho = inf (zero
+    terminal SNR), x' = alpha' x0 + sigma' eps (eps = x there); to sigma = 0, x' = x0 (b = 1).
     """
     alpha, sigma = schedule.alpha_sigma(config, grid.sigmas, xp=np)
     rhos = schedule.rho_from_sigma(config, grid.step_sigmas)
-    if config.solver_type == "rhork":
+    to_zero = bool(rhos[-1] == 0)
+    kappa = schedule.integration_variable(config, rhos[: len(rhos) - to_zero])  # the steps of the integral
+    if len(kappa) == 1:  # a single step, to sigma = 0
+        orders, integrals = np.ones(1, np.int64), np.zeros((0, config.solver_order))
+    elif config.solver_type == "rhork":
         orders = np.full(len(grid.timesteps), config.solver_order)
-        integrals = runge_kutta_weights(rhos, config.solver_order)
+        integrals = runge_kutta_weights(kappa, config.solver_order)
     else:
         orders = effective_orders(config, grid.sigmas, begin_index)
         if config.solver_type == "tab":
-            integrals = tab_weights(config, rhos, orders)
+            integrals = tab_weights(config, kappa, orders[: len(kappa) - 1])
         else:
-            with np.errstate(invalid="ignore"):  # a node at rho = inf (zero SNR) is replaced below
-                integrals = MULTISTEP_WEIGHTS[config.solver_type](rhos, orders, config.solver_order)
+            with np.errstate(invalid="ignore", divide="ignore"):  # a node at rho = inf (zero SNR): replaced below
+                integrals = MULTISTEP_WEIGHTS[config.solver_type](kappa, orders[: len(kappa) - 1], config.solver_order)
+    if to_zero:
+        orders[-1] = 1
+        integrals = np.vstack([integrals, np.zeros_like(integrals[:1])])
+    scale = sigma if config.predicts_data else alpha
     from_inf = np.isinf(grid.sigmas[:-1])
+    last = np.arange(len(orders)) == len(orders) - 1
+    ends = to_zero & last
     first_lag = np.arange(integrals.shape[1]) == 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        a = np.where(from_inf, 0.0, alpha[1:] / alpha[:-1])
-        c = np.where(from_inf[:, None], first_lag * sigma[1:, None], alpha[1:, None] * integrals)
-    return dict(orders=orders, alpha_t=alpha[:-1], sigma_t=sigma[:-1], a=a,
-                b=np.where(from_inf, alpha[1:], 0.0), c=c)
-
+        a = np.where(ends, 0.0, scale[1:] / scale[:-1])
+        c = alpha[1:, None] * integrals if not config.predicts_data else sigma[1:, None] * integrals
+    if config.predicts_data:  # from rho = inf: a = sigma' (eps = x), the x0 weight alpha'
+        c = np.where(from_inf[:, None], first_lag * alpha[1:, None], c)
+        b = np.where(ends, 1.0, 0.0)
+    else:  # from rho = inf: a = 0, x0 weight alpha', eps weight sigma'
+        a = np.where(from_inf, 0.0, a)
+        c = np.where(from_inf[:, None], first_lag * sigma[1:, None], c)
+        b = np.where(from_inf | ends, alpha[1:], 0.0)
+    c = np.where(ends[:, None], 0.0, c)
+    return dict(orders=orders, alpha_t=alpha[:-1], sigma_t=sigma[:-1], a=a, b=b, c=c)

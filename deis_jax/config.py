@@ -19,7 +19,12 @@ import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
-ALGORITHM_TYPES = ("deis",)
+# "deis": the polynomial is fitted to the noise estimates eps (the paper's form); "data_prediction": to the
+# denoised estimates x0 (DPM-Solver++'s form; the name is that of diffusers' SA-Solver).
+ALGORITHM_TYPES = ("deis", "data_prediction")
+# Where the last step ends: the schedule's smallest noise level (diffusers' DEIS), or 0, i.e. on the
+# model's denoised estimate (diffusers' DPM-Solver option of this name).
+FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 SOLVER_TYPES = ("logrho", "tab", "rhoab", "ipndm", "rhork")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 TIME_SHIFT_TYPES = ("exponential",)
@@ -154,6 +159,8 @@ class DEISConfig:
     # quantile per example, over all remaining axes. 1: samples are (batch, ...), diffusers' convention.
     # 0: each sample is one example, e.g. when `jax.vmap` maps the sampler over examples of shape (C, H, W).
     thresholding_batch_axes: int = 1
+    # deis_jax extension (a diffusers DPM-Solver option that diffusers' DEIS lacks): see FINAL_SIGMAS_TYPES.
+    final_sigmas_type: str = "sigma_min"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -171,6 +178,7 @@ class DEISConfig:
 
         _check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES + tuple(_ALGORITHM_ALIASES))
         set_("algorithm_type", _ALGORITHM_ALIASES.get(self.algorithm_type, self.algorithm_type))
+        _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         _check_choice("solver_type", self.solver_type, SOLVER_TYPES + tuple(_SOLVER_ALIASES))
         set_("solver_type", _SOLVER_ALIASES.get(self.solver_type, self.solver_type))
         max_order = MAX_SOLVER_ORDER[self.solver_type]
@@ -248,7 +256,8 @@ class DEISConfig:
         if not isinstance(defaults, (list, tuple)) or not all(isinstance(k, str) for k in defaults):
             raise ValueError(f"config['_use_default_values']={defaults!r} is invalid: must be a list of key names.")
         config = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")}
-        names = {f.name for f in dataclasses.fields(cls)}
+        # Other samplers' options that are also deis_jax extensions (final_sigmas_type) are dropped like the rest.
+        names = {f.name for f in dataclasses.fields(cls)} - _OTHER_SAMPLER_KEYS
         noted = {k: v for k, v in sorted(config.items()) if k not in names and k not in _OTHER_SAMPLER_KEYS
                  and (k not in _MODEL_KEYS or v != _MODEL_KEYS[k])}
         if noted:
@@ -267,6 +276,11 @@ class DEISConfig:
         return self.use_karras_sigmas or self.use_exponential_sigmas or self.use_beta_sigmas
 
     @property
+    def predicts_data(self) -> bool:
+        """The data-prediction form: the solver extrapolates x0 (algorithm_type="data_prediction")."""
+        return self.algorithm_type == "data_prediction"
+
+    @property
     def evaluations_per_step(self) -> int:
         """Model evaluations (`step` calls) per solver step: solver_order for rhork, else 1."""
         return self.solver_order if self.solver_type == "rhork" else 1
@@ -277,7 +291,8 @@ class DEISConfig:
         Raises ValueError for the deis_jax extensions diffusers does not have; leaves out
         `thresholding_batch_axes` (how samples are laid out, not what is computed).
         """
-        for field, plain in (("solver_type", "logrho"), ("time_schedule", "discrete")):
+        for field, plain in (("solver_type", "logrho"), ("time_schedule", "discrete"), ("algorithm_type", "deis"),
+                             ("final_sigmas_type", "sigma_min")):
             if getattr(self, field) != plain:
                 _fail(field, getattr(self, field), f"diffusers only supports {plain!r}")
         if self.timestep_spacing == "quadratic":

@@ -10,9 +10,25 @@ from jax.experimental import checkify
 
 from deis_jax.config import DEISConfig
 from deis_jax.schedule import alpha_sigma
-from deis_jax.solver import DEISState, check_shape, scale_model_input, set_timesteps, step, with_sample_sharding
+from deis_jax.solver import (
+    DEISState,
+    check_shape,
+    custom_grid,
+    scale_model_input,
+    set_timesteps,
+    step,
+    with_sample_sharding,
+)
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+DEFAULT_INFERENCE_STEPS = 20  # the step count of a named grid when none is given
+
+
+def _step_count(num_inference_steps: int | None, sigmas, timesteps) -> int | None:
+    """num_inference_steps, or DEFAULT_INFERENCE_STEPS when neither it nor a custom grid is given."""
+    if num_inference_steps is None and sigmas is None and timesteps is None:
+        return DEFAULT_INFERENCE_STEPS
+    return num_inference_steps
 
 
 # What `check_finite=True` raises: checkify's error type (a ValueError), under this name. An eager
@@ -109,9 +125,11 @@ def sample_from_noise(
     noise: jax.Array,
     *,
     config: DEISConfig = DEISConfig(),
-    num_inference_steps: int = 20,
+    num_inference_steps: int | None = None,
     mu: float | None = None,
     begin_index: int = 0,
+    sigmas=None,
+    timesteps=None,
     progress: bool = False,
     check_finite: bool = False,
     remat: bool = False,
@@ -120,10 +138,13 @@ def sample_from_noise(
 
     `model_fn(x, t)` gets the sample and the timestep (a scalar array) and returns the model
     output. The loop is one `lax.scan`, so its body is traced once. With `begin_index` the
-    given array is the sample at step `begin_index` (img2img); see `run_loop` for the flags.
+    given array is the sample at step `begin_index` (img2img); `sigmas` / `timesteps` give a
+    custom grid (`set_timesteps`; `num_inference_steps` must then be its N or None); see
+    `run_loop` for the flags.
     """
     noise = jnp.asarray(noise)
-    state = set_timesteps(config, num_inference_steps, noise.shape, mu, dtype=noise.dtype, begin_index=begin_index)
+    state = set_timesteps(config, _step_count(num_inference_steps, sigmas, timesteps), noise.shape, mu,
+                          dtype=noise.dtype, begin_index=begin_index, sigmas=sigmas, timesteps=timesteps)
     return run_loop(model_fn, noise * state.init_noise_sigma, state, progress=progress,
                     check_finite=check_finite, remat=remat)
 
@@ -134,9 +155,11 @@ def sample(
     shape: Sequence[int],
     *,
     config: DEISConfig = DEISConfig(),
-    num_inference_steps: int = 20,
+    num_inference_steps: int | None = None,
     dtype=jnp.float32,
     mu: float | None = None,
+    sigmas=None,
+    timesteps=None,
     progress: bool = False,
     check_finite: bool = False,
     remat: bool = False,
@@ -144,7 +167,8 @@ def sample(
     """Draw x_T ~ N(0, I) of `shape` and `dtype` from `key`, then `sample_from_noise`."""
     noise = jax.random.normal(key, check_shape(shape), dtype)
     return sample_from_noise(model_fn, noise, config=config, num_inference_steps=num_inference_steps, mu=mu,
-                             progress=progress, check_finite=check_finite, remat=remat)
+                             sigmas=sigmas, timesteps=timesteps, progress=progress, check_finite=check_finite,
+                             remat=remat)
 
 
 def strength_begin_index(config: DEISConfig, num_inference_steps: int, strength: float) -> int:
@@ -166,16 +190,20 @@ def img2img(
     *,
     strength: float,
     config: DEISConfig = DEISConfig(),
-    num_inference_steps: int = 20,
+    num_inference_steps: int | None = None,
     mu: float | None = None,
+    sigmas=None,
+    timesteps=None,
     progress: bool = False,
     check_finite: bool = False,
 ) -> jax.Array:
     """Noise `image` to the step where a `strength` fraction of the schedule remains, then solve
-    from there (diffusers' img2img semantics: `set_begin_index`, `add_noise` at that timestep)."""
+    from there (diffusers' img2img semantics: `set_begin_index`, `add_noise` at that timestep);
+    `sigmas` / `timesteps` give a custom grid as in `sample_from_noise`."""
     image = jnp.asarray(image)
-    begin = strength_begin_index(config, num_inference_steps, strength)
-    state = set_timesteps(config, num_inference_steps, image.shape, mu, dtype=image.dtype, begin_index=begin)
+    n, grid_sigmas = custom_grid(config, _step_count(num_inference_steps, sigmas, timesteps), sigmas, timesteps)
+    begin = strength_begin_index(config, n, strength)
+    state = set_timesteps(config, n, image.shape, mu, dtype=image.dtype, begin_index=begin, sigmas=grid_sigmas)
     alpha_t, sigma_t = alpha_sigma(config, state.sigmas[begin])  # diffusers: sigmas[begin_index]
     x = (alpha_t * image + sigma_t * jnp.asarray(noise, state.sigmas.dtype)).astype(image.dtype)
     return run_loop(model_fn, x, state, progress=progress, check_finite=check_finite)

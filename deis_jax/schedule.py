@@ -130,6 +130,15 @@ def rho_from_sigma(config: DEISConfig, s):
     return s / (1.0 - s) if config.use_flow_sigmas else s
 
 
+def integration_variable(config: DEISConfig, rho):
+    """kappa, the variable DEIS integrates in: rho for the noise form, d(x / alpha) = eps d rho; 1 / rho =
+    alpha / sigma for the data-prediction form, d(x / sigma) = x0 d(1 / rho). Its own inverse."""
+    if not config.predicts_data:
+        return rho
+    with np.errstate(divide="ignore"):
+        return 1.0 / rho
+
+
 # Continuous-time VP schedules (score SDE): t in [t_min, t_max].
 _COSINE_S = 0.008
 

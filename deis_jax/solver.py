@@ -30,33 +30,35 @@ from deis_jax.schedule import alpha_sigma
     jax.tree_util.register_dataclass,
     data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "b", "weights", "step_index",
                  "model_outputs"],
-    meta_fields=["config", "requested_steps", "mu", "begin_index"],
+    meta_fields=["config", "requested_steps", "mu", "begin_index", "grid_sigmas"],
 )
 @dataclasses.dataclass(frozen=True)
 class DEISState:
-    """Schedule and solver state, a pytree; `config`, `requested_steps`, `mu` and `begin_index` are
-    static metadata (what `set_timesteps` was called with).
+    """Schedule and solver state, a pytree; `config`, `requested_steps`, `mu`, `begin_index` and
+    `grid_sigmas` are static metadata (what `set_timesteps` was called with).
 
     requested_steps: the `num_inference_steps` asked for (`rhork` has solver_order evaluations per step).
     mu:            the dynamic-shifting parameter of the schedule, or None.
     begin_index:   the step the solve starts at (img2img); `run_loop` runs steps begin_index..N-1.
+    grid_sigmas:   the custom grid (`sigmas=` or `timesteps=` of `set_timesteps`) as a tuple, or None.
 
     timesteps:     [N], the time passed to the model at each step: int32 training timesteps (diffusers'
                    values), float for rhork stages and continuous schedules (README: "What `t` is").
     sigmas:        [N + 1], diffusers' `sigmas` (rho = sigma_t / alpha_t for VP schedules).
     orders:        [N] int32, k_i: how many past outputs step i uses.
     alpha_t, sigma_t: [N], the noise levels at each step's start.
-    a:             [N], alpha_{i+1} / alpha_i.
-    b:             [N], weight of x0 (nonzero only on a step from rho = inf, zero terminal SNR).
+    a:             [N], x_{i+1} / x_i's scale ratio: alpha_{i+1} / alpha_i (sigma ratio in the data form).
+    b:             [N], weight of x0 (nonzero only on a step from rho = inf, zero terminal SNR, or to sigma = 0).
     weights:       [N, solver_order], weight of each history slot at step i.
     step_index:    int32 scalar, the next step to take.
-    model_outputs: [solver_order, *shape], ring buffer of converted outputs (eps).
+    model_outputs: [solver_order, *shape], ring buffer of converted outputs (eps, or x0 in the data form).
     """
 
     config: DEISConfig
     requested_steps: int
     mu: float | None
     begin_index: int
+    grid_sigmas: tuple[float, ...] | None
     timesteps: jax.Array
     sigmas: jax.Array
     orders: jax.Array
@@ -76,6 +78,11 @@ class DEISState:
     @property
     def init_noise_sigma(self) -> float:
         return 1.0
+
+    @property
+    def ends_at_zero(self) -> bool:
+        """The last step goes to sigma = 0, where the sample is the model's denoised estimate x0."""
+        return self.config.final_sigmas_type == "zero" or (self.grid_sigmas is not None and self.grid_sigmas[-1] == 0)
 
 
 def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -123,11 +130,12 @@ def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str):
-    """Schedule and weights for (config, N, mu, begin_index): computed once in float64 on the host,
-    cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
+def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str,
+            grid_sigmas: tuple[float, ...] | None):
+    """Schedule and weights for (config, N, mu, begin_index, custom grid): computed once in float64 on the
+    host, cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
     one transformation is never reused inside another)."""
-    grid = spacing.grid(config, num_inference_steps, mu)
+    grid = spacing.grid(config, num_inference_steps, mu, grid_sigmas)
     t = coefficients.build(config, grid, begin_index)
     n, order = t["c"].shape
     # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
@@ -155,35 +163,60 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32)
 
 
+def custom_grid(config: DEISConfig, num_inference_steps: int | None, sigmas=None, timesteps=None):
+    """(N, grid_sigmas): the step count and the validated custom grid of `sigmas=` or `timesteps=`
+    (`spacing.check_sigmas`, `spacing.sigmas_from_timesteps`), or (num_inference_steps, None) without one."""
+    if sigmas is None and timesteps is None:
+        return num_inference_steps, None
+    if sigmas is not None and timesteps is not None:
+        raise ValueError("sigmas= and timesteps= are invalid together: pass one custom grid.")
+    if num_inference_steps is not None:
+        num_inference_steps = _check_steps(config, num_inference_steps)
+    if config.use_dynamic_shifting:
+        raise ValueError("sigmas= / timesteps= are invalid with DEISConfig(use_dynamic_shifting=True): a custom "
+                         "grid is already shifted; turn dynamic shifting off.")
+    grid_sigmas = (spacing.check_sigmas(config, sigmas, num_inference_steps) if timesteps is None
+                   else spacing.sigmas_from_timesteps(config, timesteps, num_inference_steps))
+    return len(grid_sigmas) - 1, grid_sigmas
+
+
 def set_timesteps(
     config: DEISConfig,
-    num_inference_steps: int,
+    num_inference_steps: int | None,
     shape: Sequence[int],
     mu: float | None = None,
     *,
     dtype=jnp.float32,
     begin_index: int = 0,
+    sigmas=None,
+    timesteps=None,
 ) -> DEISState:
     """A fresh state for `num_inference_steps` steps on samples of `shape` (and `dtype`).
 
     `mu` is diffusers' dynamic-shifting parameter (flow shift = exp(mu)); `begin_index`
     starts the solve part-way through the schedule (img2img), see `set_begin_index`.
+    A custom grid replaces the configured one: `sigmas`, N + 1 strictly decreasing noise levels
+    in the state's `sigmas` convention (rho for VP, s for flow), the last may be 0; or `timesteps`,
+    N strictly decreasing training timesteps (discrete VP schedules). `num_inference_steps`
+    must then be N or None.
     """
     if not isinstance(config, DEISConfig):
         raise ValueError(f"config={config!r} is invalid: must be a DEISConfig.")
     shape = check_shape(shape)
+    num_inference_steps, grid_sigmas = custom_grid(config, num_inference_steps, sigmas, timesteps)
     n = _check_steps(config, num_inference_steps)
     mu = _check_mu(config, mu)
     cdtype = _compute_dtype(dtype)
     if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)):
         raise ValueError(f"begin_index={begin_index!r} is invalid: must be an int.")
-    tables = _tables(config, n, mu, int(begin_index), cdtype.name)
+    tables = _tables(config, n, mu, int(begin_index), cdtype.name, grid_sigmas)
     _check_begin_index(config, len(tables["timesteps"]), begin_index)
     return DEISState(
         config=config,
         requested_steps=n,
         mu=mu,
         begin_index=int(begin_index),
+        grid_sigmas=grid_sigmas,
         step_index=jnp.asarray(begin_index, jnp.int32),
         model_outputs=jnp.zeros((config.solver_order, *shape), cdtype),
         **{k: jnp.asarray(v) for k, v in tables.items()},
@@ -191,11 +224,11 @@ def set_timesteps(
 
 
 def set_begin_index(state: DEISState, begin_index: int) -> DEISState:
-    """The same schedule (config, step count, `mu`) started at step `begin_index`: warm-up restarts
-    there, history is cleared."""
+    """The same schedule (config, step count, `mu`, custom grid) started at step `begin_index`: warm-up
+    restarts there, history is cleared."""
     return set_timesteps(
         state.config, state.requested_steps, state.model_outputs.shape[1:], state.mu,
-        dtype=state.model_outputs.dtype, begin_index=begin_index,
+        dtype=state.model_outputs.dtype, begin_index=begin_index, sigmas=state.grid_sigmas,
     )
 
 
@@ -231,6 +264,11 @@ def _check_output(state: DEISState, model_output: jax.Array, sample: jax.Array) 
         )
 
 
+def _needs_x0(state: DEISState) -> bool:
+    """Whether a step uses x0 (static): the data form, or a closed-form step from rho = inf or to sigma = 0."""
+    return state.config.predicts_data or schedule.zero_terminal_snr(state.config) or state.ends_at_zero
+
+
 def _x0_and_eps(state: DEISState, model_output: jax.Array, sample: jax.Array):
     """(x0, eps) from the model output at the current step; x0 is None when not needed."""
     _check_output(state, model_output, sample)
@@ -238,7 +276,8 @@ def _x0_and_eps(state: DEISState, model_output: jax.Array, sample: jax.Array):
     cdtype = state.model_outputs.dtype
     m, x = model_output.astype(cdtype), sample.astype(cdtype)
     if config.prediction_type == "epsilon" and not config.thresholding:
-        return None, m
+        i = state.step_index
+        return ((x - state.sigma_t[i] * m) / state.alpha_t[i] if _needs_x0(state) else None), m
     i = state.step_index
     alpha_t, sigma_t = state.alpha_t[i], state.sigma_t[i]
     if config.prediction_type == "epsilon":
@@ -256,14 +295,15 @@ def _x0_and_eps(state: DEISState, model_output: jax.Array, sample: jax.Array):
 
 
 def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.Array) -> jax.Array:
-    """The model output as noise eps at the current step (the quantity DEIS extrapolates).
+    """The model output as the quantity DEIS extrapolates at the current step: eps, or x0 in the data form.
 
     x0 = (x - sigma_t m) / alpha_t (epsilon), m (sample), alpha_t x - sigma_t m (v_prediction),
     x - s m (flow_prediction); optional dynamic thresholding of x0; eps = (x - alpha_t x0) / sigma_t.
     For flow_prediction sigma_t is diffusers' `sigmas[i]` = s in both formulas (which for a VP
     schedule is rho, not sigma_t: diffusers' behaviour, kept for parity).
     """
-    return _x0_and_eps(state, model_output, sample)[1]
+    x0, eps = _x0_and_eps(state, model_output, sample)
+    return x0 if state.config.predicts_data else eps
 
 
 def _like_sample(x: jax.Array, sample: jax.Array) -> jax.Array:
@@ -294,7 +334,8 @@ def with_sample_sharding(state: DEISState, sample: jax.Array) -> DEISState:
 def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample: jax.Array):
     """One DEIS step: returns (prev_sample, new_state). Pure and jit/scan-able.
 
-    x_{i+1} = a_i x_i + sum_slots weights[i, slot] history[slot] (+ b_i x0 on a zero-SNR start).
+    x_{i+1} = a_i x_i + sum_slots weights[i, slot] history[slot] + b_i x0, the history holding eps (or x0
+    in the data form); b is 0 except on a zero-SNR start and on a final step to sigma = 0.
     The step index comes from `state.step_index`; `timestep` is accepted for diffusers'
     call signature and is not used to find it. The history and eps take the sample's
     sharding (see `with_sample_sharding`), so an explicitly sharded sample needs no other setup.
@@ -302,14 +343,15 @@ def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample:
     del timestep
     i = state.step_index
     x0, eps = _x0_and_eps(state, model_output, sample)
+    m = x0 if state.config.predicts_data else eps
     order = state.model_outputs.shape[0]
     history = _like_sample(state.model_outputs, sample)
-    history = jax.lax.dynamic_update_index_in_dim(history, _like_sample(eps, sample), i % order, 0)
+    history = jax.lax.dynamic_update_index_in_dim(history, _like_sample(m, sample), i % order, 0)
     w = state.weights[i]
     prev = state.a[i] * sample.astype(eps.dtype)
     for slot in range(order):
         prev = prev + w[slot] * history[slot]
-    if schedule.zero_terminal_snr(state.config):
+    if _needs_x0(state):
         prev = prev + state.b[i] * x0
     new_state = dataclasses.replace(state, step_index=i + 1, model_outputs=history)
     return prev.astype(sample.dtype), new_state

@@ -213,6 +213,94 @@ def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
     return sigma_to_t(np.exp(log_rho), schedule.log_train_rhos(config))
 
 
+def sigma_range(config: DEISConfig) -> tuple[float, float]:
+    """(smallest, largest) noise level of the schedule in the `sigmas` convention: rho at t = 0 and at the
+    last finite training timestep (discrete), rho(t_min) and rho(t_max) (continuous), or the flow sigma
+    s at 1 / num_train_timesteps and 1 - 1 / num_train_timesteps (flow)."""
+    if config.is_continuous:
+        lo, hi = schedule.continuous_rho(config, np.array([config.t_min, config.t_max]))
+        return float(lo), float(hi)
+    if config.use_flow_sigmas:
+        return 1.0 / config.num_train_timesteps, 1.0 - 1.0 / config.num_train_timesteps
+    rhos = schedule.train_rhos(config)
+    finite = rhos[np.isfinite(rhos)]
+    return float(finite[0]), float(finite[-1])
+
+
+GRID_END_TOLERANCE = 1e-3  # relative: published grids round the schedule's ends (e.g. 14.615 for 14.6146)
+
+
+def check_sigmas(config: DEISConfig, sigmas, num_inference_steps: int | None) -> tuple[float, ...]:
+    """A custom grid: N + 1 noise levels in the `sigmas` convention, strictly decreasing, inside the
+    schedule's range (`sigma_range`, ends within a relative 1e-3 moved onto it), the last one may be 0
+    (a final step to the denoised estimate). Returns it as a tuple of floats (a static, hashable key)."""
+    try:
+        s = np.array(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"sigmas={sigmas!r} is invalid: must be a 1-D array of numbers.") from None
+    want = "N + 1 entries" if num_inference_steps is None else f"num_inference_steps + 1 = {num_inference_steps + 1}"
+    if s.ndim != 1 or s.size < 2 or (num_inference_steps is not None and s.size != num_inference_steps + 1):
+        raise ValueError(f"sigmas has shape {s.shape}: it must be 1-D with {want} entries (N steps need N + 1 "
+                         "noise levels, the last one where the solve ends).")
+    if not np.isfinite(s).all() or (s < 0).any() or not (np.diff(s) < 0).all():
+        raise ValueError(f"sigmas={s.tolist()} is invalid: must be finite, >= 0 and strictly decreasing.")
+    lo, hi = sigma_range(config)
+    s[np.abs(s - hi) <= GRID_END_TOLERANCE * hi] = min(s[0], hi)
+    s[(s > 0) & (np.abs(s - lo) <= GRID_END_TOLERANCE * lo)] = max(s[s > 0][-1], lo)
+    inside = (s[:-1] >= lo) & (s[:-1] <= hi)
+    if not inside.all() or not (s[-1] == 0 or lo <= s[-1] <= hi):
+        raise ValueError(f"sigmas={s.tolist()} is invalid: every entry must lie in the schedule's range "
+                         f"[{lo:.6g}, {hi:.6g}] (the last may be 0).")
+    if config.final_sigmas_type == "zero" and s[-1] != 0:
+        raise ValueError(f"sigmas={s.tolist()} is invalid with DEISConfig.final_sigmas_type='zero': the grid "
+                         "must end at 0 (or use final_sigmas_type='sigma_min').")
+    return tuple(float(v) for v in s)
+
+
+def sigmas_from_timesteps(config: DEISConfig, timesteps, num_inference_steps: int | None) -> tuple[float, ...]:
+    """The grid of custom training timesteps (diffusers' DPM-Solver `timesteps=`): their training rhos,
+    then rho(t = 0) (or 0 with final_sigmas_type="zero"). Discrete VP schedules only."""
+    if config.is_continuous or config.use_flow_sigmas:
+        raise ValueError("timesteps= is invalid for a continuous or flow schedule (its times are not training "
+                         "timesteps): pass sigmas= instead.")
+    try:
+        t = np.array(timesteps)
+    except (TypeError, ValueError):
+        t = np.array([None])
+    top = config.num_train_timesteps - 1
+    n_ok = num_inference_steps is None or t.size == num_inference_steps
+    is_int = t.dtype.kind in "iu" or (t.dtype.kind == "f" and np.isfinite(t).all() and (t == np.round(t)).all())
+    if t.ndim != 1 or t.size < 1 or not n_ok or not is_int or not ((t >= 0) & (t <= top)).all() \
+            or not (np.diff(t) < 0).all():
+        raise ValueError(f"timesteps={timesteps!r} is invalid: must be a 1-D array of num_inference_steps "
+                         f"integers, strictly decreasing, in 0..{top}.")
+    rhos = schedule.train_rhos(config)
+    end = 0.0 if config.final_sigmas_type == "zero" else float(rhos[0])
+    return check_sigmas(config, np.append(rhos[t.astype(np.int64)], end), None)
+
+
+def custom_timesteps_and_sigmas(config: DEISConfig, sigmas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps [N], sigmas [N + 1]) of a custom grid (`check_sigmas`), by the rule each grid already follows:
+    logrho on discrete VP schedules keeps the sigmas and gives the model round(t(sigma)) (as for Karras
+    sigmas); the other solvers round to distinct timesteps and take their training sigmas; flow gives
+    int(s N); continuous schedules give t(rho) as a float. A final 0 stays 0."""
+    s = np.array(sigmas, dtype=np.float64)
+    ends_at_zero = s[-1] == 0
+    if ends_at_zero:  # placed as if it ended at the smallest level, then set back to 0
+        s[-1] = min(sigma_range(config)[0], s[-2])
+    if config.is_continuous:
+        t = np.clip(schedule.continuous_t(config, s[:-1]), config.t_min, config.t_max)
+    elif config.use_flow_sigmas:
+        t = (s[:-1] * config.num_train_timesteps).astype(np.int64)
+    elif config.solver_type == "logrho":
+        t = sigma_to_t(s[:-1], schedule.log_train_rhos(config)).round().astype(np.int64)
+    else:
+        t, s = _consistent_discrete_grid(sigma_to_t(s, schedule.log_train_rhos(config)), schedule.train_rhos(config))
+    if ends_at_zero:
+        s[-1] = 0.0
+    return t, s
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """Where the model is evaluated.
@@ -220,7 +308,8 @@ class Grid:
     timesteps:   [E] the model's time input at each evaluation.
     sigmas:      [E + 1] float64, diffusers' `sigmas` at each evaluation and at the end.
     step_sigmas: [N + 1] float64, the sigmas of the solver's steps: `sigmas` itself, except for rhork,
-                 whose step i evaluates at rho_i + c_s (rho_{i+1} - rho_i) for its stages s.
+                 whose step i evaluates at the stages c_s of its integration variable (rho, or 1/rho in the
+                 data-prediction form). A step to sigma = 0 is one evaluation (the denoised estimate).
     """
 
     timesteps: np.ndarray
@@ -228,13 +317,23 @@ class Grid:
     step_sigmas: np.ndarray
 
 
-def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None) -> Grid:
-    """The evaluation grid of `num_inference_steps` solver steps (`timesteps_and_sigmas`, plus rhork's stages)."""
-    timesteps, sigmas = timesteps_and_sigmas(config, num_inference_steps, mu)
+def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None,
+         sigmas: tuple[float, ...] | None = None) -> Grid:
+    """The evaluation grid of `num_inference_steps` solver steps: a named grid (`timesteps_and_sigmas`) or a
+    custom one (`custom_timesteps_and_sigmas`), ending at 0 with final_sigmas_type="zero", plus rhork's stages."""
+    if sigmas is None:
+        timesteps, step_sigmas = timesteps_and_sigmas(config, num_inference_steps, mu)
+        if config.final_sigmas_type == "zero":
+            step_sigmas[-1] = 0.0
+    else:
+        timesteps, step_sigmas = custom_timesteps_and_sigmas(config, sigmas)
     if config.solver_type != "rhork":
-        return Grid(timesteps, sigmas, sigmas)
+        return Grid(timesteps, step_sigmas, step_sigmas)
+    rho = schedule.rho_from_sigma(config, step_sigmas)
+    rk = len(rho) - 1 - int(rho[-1] == 0)  # Runge-Kutta steps; a step to 0 is a single evaluation
     c = np.asarray(RUNGE_KUTTA[config.solver_order][0])
-    rho = schedule.rho_from_sigma(config, sigmas)
-    stage_rho = ((1 - c)[None, :] * rho[:-1, None] + c[None, :] * rho[1:, None]).ravel()  # exact at c = 0, 1
-    stage_sigmas = schedule.sigma_from_rho(config, np.append(stage_rho, rho[-1]))
-    return Grid(model_time(config, np.log(stage_rho)), stage_sigmas, sigmas)
+    kappa = schedule.integration_variable(config, rho[: rk + 1])
+    stage_kappa = ((1 - c)[None, :] * kappa[:-1, None] + c[None, :] * kappa[1:, None]).ravel()  # exact at c = 0, 1
+    eval_rho = np.concatenate([schedule.integration_variable(config, stage_kappa), rho[rk:-1]])
+    return Grid(model_time(config, np.log(eval_rho)), schedule.sigma_from_rho(config, np.append(eval_rho, rho[-1])),
+                step_sigmas)
