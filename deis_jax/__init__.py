@@ -10,6 +10,7 @@ from deis_jax.config import (
     DEISConfig as DEISConfig,
 )
 from deis_jax.guidance import classifier_free_guidance as classifier_free_guidance
+from deis_jax.published import PUBLISHED_GRIDS as PUBLISHED_GRIDS, published_sigmas as published_sigmas
 from deis_jax.sampling import (
     NonFiniteError as NonFiniteError,
     img2img as img2img,
@@ -36,6 +37,7 @@ __all__ = [
     "BETA_SCHEDULES",
     "FINAL_SIGMAS_TYPES",
     "PREDICTION_TYPES",
+    "PUBLISHED_GRIDS",
     "SOLVER_TYPES",
     "TIMESTEP_SPACINGS",
     "DEISConfig",
@@ -45,6 +47,7 @@ __all__ = [
     "classifier_free_guidance",
     "convert_model_output",
     "img2img",
+    "published_sigmas",
     "run_loop",
     "sample",
     "sample_from_noise",
