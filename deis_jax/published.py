@@ -55,7 +55,8 @@ def published_sigmas(name: str, config: DEISConfig, num_inference_steps: int | N
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid: must be an int >= 1.")
-        levels = _log_linear(levels, int(num_inference_steps))
+        if num_inference_steps != len(levels) - 1:
+            levels = _log_linear(levels, int(num_inference_steps))
     if config.final_sigmas_type == "zero":
         levels = np.append(levels[:-1], 0.0)
     return np.asarray(spacing.check_sigmas(config, levels, None))
