@@ -149,8 +149,7 @@ def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
 
 def _continuous_grid(config: DEISConfig, n: int):
     """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid)."""
-    t_lo, t_hi = config.t_min, config.t_max
-    assert t_hi is not None  # set by DEISConfig for continuous schedules
+    t_lo, t_hi = schedule.time_range(config)
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
         t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
@@ -207,7 +206,7 @@ def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
     """The model time t at u = log rho (float64): analytic for continuous and flow schedules,
     piecewise linear between training timesteps for discrete ones (`sigma_to_t`)."""
     if config.is_continuous:  # clipped: rho -> t rounding must not leave [t_min, t_max]
-        return np.clip(schedule.continuous_t(config, np.exp(log_rho)), config.t_min, config.t_max)
+        return np.clip(schedule.continuous_t(config, np.exp(log_rho)), *schedule.time_range(config))
     if config.use_flow_sigmas:
         return config.num_train_timesteps / (1.0 + np.exp(-log_rho))  # s * N, s = rho / (1 + rho)
     return sigma_to_t(np.exp(log_rho), schedule.log_train_rhos(config))
@@ -218,7 +217,7 @@ def sigma_range(config: DEISConfig) -> tuple[float, float]:
     last finite training timestep (discrete), rho(t_min) and rho(t_max) (continuous), or the open interval
     (0, 1) of the flow sigma s (flow: any shift of the grid is a valid grid)."""
     if config.is_continuous:
-        lo, hi = schedule.continuous_rho(config, np.array([config.t_min, config.t_max]))
+        lo, hi = schedule.continuous_rho(config, np.array(schedule.time_range(config)))
         return float(lo), float(hi)
     if config.use_flow_sigmas:
         return 0.0, 1.0
@@ -293,7 +292,7 @@ def custom_timesteps_and_sigmas(config: DEISConfig, sigmas: tuple[float, ...]) -
     if ends_at_zero:  # placed as if it ended at the smallest level, then set back to 0
         s[-1] = min(sigma_range(config)[0], s[-2])
     if config.is_continuous:
-        t = np.clip(schedule.continuous_t(config, s[:-1]), config.t_min, config.t_max)
+        t = np.clip(schedule.continuous_t(config, s[:-1]), *schedule.time_range(config))
     elif config.use_flow_sigmas:
         t = (s[:-1] * config.num_train_timesteps).astype(np.int64)
     elif config.solver_type == "logrho":
