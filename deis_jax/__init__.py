@@ -9,6 +9,11 @@ from deis_jax.config import (
     TIMESTEP_SPACINGS as TIMESTEP_SPACINGS,
     DEISConfig as DEISConfig,
 )
+from deis_jax.flax_scheduler import (
+    FlaxDEISMultistepScheduler as FlaxDEISMultistepScheduler,
+    FlaxDEISSchedulerOutput as FlaxDEISSchedulerOutput,
+    FlaxDEISSchedulerState as FlaxDEISSchedulerState,
+)
 from deis_jax.guidance import classifier_free_guidance as classifier_free_guidance
 from deis_jax.published import PUBLISHED_GRIDS as PUBLISHED_GRIDS, published_sigmas as published_sigmas
 from deis_jax.sampling import (
@@ -42,6 +47,9 @@ __all__ = [
     "TIMESTEP_SPACINGS",
     "DEISConfig",
     "DEISState",
+    "FlaxDEISMultistepScheduler",
+    "FlaxDEISSchedulerOutput",
+    "FlaxDEISSchedulerState",
     "NonFiniteError",
     "add_noise",
     "classifier_free_guidance",
