@@ -216,6 +216,15 @@ def test_parse_finds_setup_blocks_skips_and_markers(tmp_path):
         run_page(page, parse(page), None, tmp_path)
 
 
+def test_api_reference_lists_every_export():
+    """docs/api/index.md has a `::: deis_jax.NAME` entry for each name of `deis_jax.__all__`, and no other."""
+    text = (ROOT / "docs" / "api" / "index.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: deis_jax\.(\w+)$", text, re.MULTILINE))
+    exported = set(deis_jax.__all__)
+    assert not exported - documented, f"add to docs/api/index.md: {sorted(exported - documented)}"
+    assert not documented - exported, f"not exported any more: {sorted(documented - exported)}"
+
+
 def test_site_builds_strictly(tmp_path):
     """`mkdocs build --strict`: broken links and anchors, pages missing from the nav, includes of absent files or
     sections and unresolvable API references fail it (CI installs the `docs` extra; skipped without it)."""
