@@ -9,7 +9,8 @@ Markers: HTML comments, which neither the site nor GitHub shows.
     <!-- docs-test: setup
     code run before the page's first block, hidden from readers (a stand-in model, a temporary folder)
     -->
-    <!-- docs-test: skip: REASON -->          the next ```python block is not run; REASON (required) says why
+    <!-- docs-test: skip: REASON -->          the next ```python block is only compiled, not run; REASON (required)
+                                              says why
     <!-- docs-test: requires NAME, ... -->    the page runs only where every NAME is available: `deis_jax.X` (an
                                               API not merged yet: the page's test goes live once it is) or a
                                               module that must import (e.g. diffusers); skipped, naming it, else
@@ -91,7 +92,7 @@ for path, line, code in json.load(open(sys.argv[1])):
 @dataclasses.dataclass
 class Page:
     blocks: list[tuple[int, str]]  # (first line of the code, code), setup first
-    skipped: list[tuple[int, str]]  # (first line, reason)
+    skipped: list[tuple[int, str, str]]  # (first line, reason, code): compiled, not run
     requires: list[str]
     devices: int
 
@@ -127,7 +128,7 @@ def parse(path: Path) -> Page:
             if skip_reason is not None:
                 if fence["lang"] != "python":
                     raise ValueError(f"{path}:{i + 1}: 'docs-test: skip' must come right before a python block")
-                page.skipped.append((i + 2, skip_reason))
+                page.skipped.append((i + 2, skip_reason, code))
                 skip_reason = None
             elif fence["lang"] == "python":
                 page.blocks.append((i + 2, code))
@@ -166,6 +167,8 @@ def test_examples_run(path, tmp_path):
     page = parse(path)
     text = path.read_text(encoding="utf-8")
     assert len(page.blocks) + len(page.skipped) - text.count("<!-- docs-test: setup") == text.count("```python")
+    for line, _, code in page.skipped:
+        compile("\n" * (line - 1) + code, str(path), "exec")
     absent = [name for name in page.requires if missing(name)]
     if absent:
         pytest.skip(f"needs {', '.join(absent)}")
@@ -202,7 +205,7 @@ def test_parse_finds_setup_blocks_skips_and_markers(tmp_path):
         """))
     parsed = parse(page)
     assert parsed.blocks == [(5, "a = 1"), (8, "b = a + 1"), (13, "c = b")]
-    assert parsed.skipped == [(17, "needs a GPU")]
+    assert parsed.skipped == [(17, "needs a GPU", "raise RuntimeError")]
     assert (parsed.requires, parsed.devices) == (["deis_jax.sample", "numpy"], 2)
     run_page(page, parsed, None, tmp_path)
     page.write_text("<!-- docs-test: skip -->\n```python\npass\n```\n")
