@@ -217,7 +217,7 @@ def build(config: DEISConfig, grid: spacing.Grid, begin_index: int) -> dict[str,
                 integrals = MULTISTEP_WEIGHTS[config.solver_type](kappa, orders[: len(kappa) - 1], config.solver_order)
     if to_zero:
         orders[-1] = 1
-        integrals = np.vstack([integrals, np.zeros_like(integrals[:1])])
+        integrals = np.vstack([integrals, np.zeros((1, integrals.shape[1]))])  # integrals may have no rows
     scale = sigma if config.predicts_data else alpha
     from_inf = np.isinf(grid.sigmas[:-1])
     last = np.arange(len(orders)) == len(orders) - 1

@@ -134,7 +134,8 @@ def sample_from_noise(
     check_finite: bool = False,
     remat: bool = False,
 ) -> jax.Array:
-    """Solve the probability-flow ODE from `noise` (x_T) with DEIS; returns x_0 in `noise.dtype`.
+    """Solve the probability-flow ODE from x_T = `state.init_noise_sigma` * `noise` (1, or sigma_0 for VE) with DEIS;
+    returns x_0 in `noise.dtype`.
 
     `model_fn(x, t)` gets the sample and the timestep (a scalar array) and returns the model
     output. The loop is one `lax.scan`, so its body is traced once. With `begin_index` the
@@ -145,7 +146,8 @@ def sample_from_noise(
     noise = jnp.asarray(noise)
     state = set_timesteps(config, _step_count(num_inference_steps, sigmas, timesteps), noise.shape, mu,
                           dtype=noise.dtype, begin_index=begin_index, sigmas=sigmas, timesteps=timesteps)
-    x = noise * state.init_noise_sigma if begin_index == 0 else noise  # a later start: the sample itself
+    # x_T = init_noise_sigma noise, in the noise's dtype; a later start (begin_index > 0) is the sample itself.
+    x = (noise * state.init_noise_sigma).astype(noise.dtype) if begin_index == 0 else noise
     return run_loop(model_fn, x, state, progress=progress,
                     check_finite=check_finite, remat=remat)
 

@@ -148,16 +148,20 @@ def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
 
 
 def _continuous_grid(config: DEISConfig, n: int):
-    """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid)."""
+    """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid). A VE grid ending at
+    0 is EDM's (and k-diffusion's): the model at N levels from sigma_max to sigma_min, then sigma = 0."""
     t_lo, t_hi = schedule.time_range(config)
+    edm_zero = config.is_ve and config.final_sigmas_type == "zero"
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
-        t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
+        t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n if edm_zero else n + 1))
     elif config.timestep_spacing == "quadratic":
         t = np.linspace(t_hi**0.5, t_lo**0.5, n + 1) ** 2
     else:  # linspace, leading and trailing only differ in rounding to integers: uniform in t
         t = np.linspace(t_hi, t_lo, n + 1)
-    t[0], t[-1] = t_hi, t_lo  # exactly, whatever the rounding through rho or sqrt(t)
+    t[-1], t[0] = t_lo, t_hi  # exactly, whatever the rounding through rho or sqrt(t) (a single level: t_hi)
+    if edm_zero:
+        return t, np.append(schedule.continuous_rho(config, t), 0.0)
     return t[:-1], schedule.continuous_rho(config, t)
 
 
