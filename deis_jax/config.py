@@ -268,8 +268,6 @@ class DEISConfig:
             _fail("timestep_spacing", self.timestep_spacing, "is not used by time_schedule='ve', whose grids are "
                   "sigma grids (use_karras_sigmas, the default there, use_exponential_sigmas, use_beta_sigmas, "
                   "or sigmas=); leave it 'linspace'")
-        if not (self.use_exponential_sigmas or self.use_beta_sigmas):
-            object.__setattr__(self, "use_karras_sigmas", True)
 
     def _check_defaults(self, names: tuple[str, ...], why: str) -> None:
         """ValueError for a field of another schedule set away from its default (it would be ignored)."""
@@ -320,8 +318,13 @@ class DEISConfig:
 
     @property
     def uses_sigma_grid(self) -> bool:
-        """Steps placed by a sigma schedule (Karras, exponential or beta) rather than a spacing."""
-        return self.use_karras_sigmas or self.use_exponential_sigmas or self.use_beta_sigmas
+        """Steps placed by a sigma schedule (Karras, exponential or beta) rather than a spacing (always for VE)."""
+        return self.use_karras_sigmas or self.use_exponential_sigmas or self.use_beta_sigmas or self.is_ve
+
+    @property
+    def uses_karras_sigmas(self) -> bool:
+        """The Karras grid: `use_karras_sigmas`, or a VE schedule without another sigma schedule (EDM's default)."""
+        return self.use_karras_sigmas or (self.is_ve and not (self.use_exponential_sigmas or self.use_beta_sigmas))
 
     @property
     def predicts_data(self) -> bool:

@@ -115,7 +115,7 @@ def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
 
 def _sigma_schedule(config: DEISConfig, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     ramp = np.linspace(0, 1, n)
-    if config.use_karras_sigmas:
+    if config.uses_karras_sigmas:
         inv_min, inv_max = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
         return (inv_max + ramp * (inv_min - inv_max)) ** KARRAS_RHO
     if config.use_exponential_sigmas:
@@ -148,10 +148,10 @@ def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
 
 
 def _continuous_grid(config: DEISConfig, n: int):
-    """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid). A VE grid ending at
-    0 is EDM's (and k-diffusion's): the model at N levels from sigma_max to sigma_min, then sigma = 0."""
+    """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid). A sigma grid ending
+    at 0 is EDM's (and diffusers DPM-Solver's): the model at N levels from sigma_max to sigma_min, then 0."""
     t_lo, t_hi = schedule.time_range(config)
-    edm_zero = config.is_ve and config.final_sigmas_type == "zero"
+    edm_zero = config.uses_sigma_grid and config.final_sigmas_type == "zero"
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
         t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n if edm_zero else n + 1))
@@ -195,7 +195,7 @@ def timesteps_and_sigmas(
             return _consistent_discrete_grid(sigma_to_t(s, log_rhos), rhos)
         s = _sigma_schedule(config, rhos[0].item(), rhos[-1].item(), n)
         t = sigma_to_t(s, log_rhos)
-        t = t.round() if config.use_karras_sigmas else t
+        t = t.round() if config.uses_karras_sigmas else t
         return t.astype(np.int64), np.append(s, s[-1]).astype(np.float32).astype(np.float64)
     if config.timestep_spacing == "quadratic":
         top = config.num_train_timesteps - 1

@@ -91,7 +91,7 @@ def test_default_grid_is_karras_and_the_model_gets_sigma_or_c_noise(time_input, 
     """N steps: N + 1 Karras levels from sigma_max to sigma_min (EDM eq. 5); state.sigmas holds sigma, and the
     model's time is sigma (k-diffusion) or ln(sigma) / 4 (EDM's c_noise), float32."""
     config = ve_config(ve_time_input=time_input, sigma_min=0.01, sigma_max=50.0)
-    assert config.use_karras_sigmas
+    assert config.uses_karras_sigmas and not config.use_karras_sigmas  # the VE default, not a stored flag
     state = dj.set_timesteps(config, n, (3,))
     want = edm_sigmas(n + 1, 0.01, 50.0)
     np.testing.assert_allclose(np.asarray(state.sigmas), want, rtol=1e-6)
