@@ -130,14 +130,11 @@ def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
     return value
 
 
-@functools.lru_cache(maxsize=64)
-def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str,
-            grid_sigmas: tuple[float, ...] | None):
-    """Schedule and weights for (config, N, mu, begin_index, custom grid): computed once in float64 on the
-    host, cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
-    one transformation is never reused inside another)."""
-    grid = spacing.grid(config, num_inference_steps, mu, grid_sigmas)
-    t = coefficients.build(config, grid, begin_index)
+def state_tables(config: DEISConfig, grid: spacing.Grid, begin_index: int, dtype: str, xp=np) -> dict:
+    """The data fields of a `DEISState` but for the step index and history: `coefficients.build` on `grid`, the
+    weights in the ring's slot layout, cast to `dtype` (int32 for integer timesteps and the orders). numpy for a
+    static grid; jax.numpy for a traced one (see `coefficients.build`)."""
+    t = coefficients.build(config, grid, begin_index, xp)
     n, order = t["c"].shape
     # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
     lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
@@ -146,9 +143,18 @@ def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begi
         timesteps=grid.timesteps.astype(time_dtype),
         sigmas=grid.sigmas.astype(dtype),
         orders=t["orders"].astype(np.int32),
-        weights=np.take_along_axis(t["c"], lag, axis=1).astype(dtype),
+        weights=xp.take_along_axis(t["c"], lag, axis=1).astype(dtype),
         **{k: t[k].astype(dtype) for k in ("alpha_t", "sigma_t", "a", "b")},
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str,
+            grid_sigmas: tuple[float, ...] | None):
+    """Schedule and weights for (config, N, mu, begin_index, custom grid): computed once in float64 on the
+    host, cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
+    one transformation is never reused inside another)."""
+    return state_tables(config, spacing.grid(config, num_inference_steps, mu, grid_sigmas), begin_index, dtype)
 
 
 def _check_begin_index(config: DEISConfig, evaluations: int, begin_index: int) -> None:

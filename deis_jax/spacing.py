@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.special
 
 from deis_jax import schedule
 from deis_jax.config import RUNGE_KUTTA, DEISConfig
+
+if TYPE_CHECKING:
+    import jax
 
 KARRAS_RHO = 7.0  # Karras et al. (2022): sigmas uniform in sigma^(1/7)
 SIGMA_FLOOR = 1e-10  # diffusers' floor before taking log sigma (`_sigma_to_t`)
@@ -103,13 +107,15 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
     return np.arange(n_train, 0, -stride)[:n].round().astype(np.int64) - 1
 
 
-def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
-    """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped."""
-    log_sigma = np.log(np.maximum(sigma, SIGMA_FLOOR))
-    low = np.clip(np.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
+def sigma_to_t(sigma, log_train_rhos: np.ndarray, xp=np):
+    """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped
+    (numpy, or jax.numpy for a traced sigma)."""
+    log_train_rhos = xp.asarray(log_train_rhos)
+    log_sigma = xp.log(xp.maximum(sigma, SIGMA_FLOOR))
+    low = xp.clip(xp.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
     lo, hi = log_train_rhos[low], log_train_rhos[low + 1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.where(lo == hi, 0.0, np.clip((lo - log_sigma) / (lo - hi), 0, 1))  # flat: any of its t; the lower
+        w = xp.where(lo == hi, 0.0, xp.clip((lo - log_sigma) / (lo - hi), 0, 1))  # flat: any of its t; the lower
     return (1 - w) * low + w * (low + 1)
 
 
@@ -295,12 +301,8 @@ def custom_timesteps_and_sigmas(config: DEISConfig, sigmas: tuple[float, ...]) -
     ends_at_zero = s[-1] == 0
     if ends_at_zero:  # placed as if it ended at the smallest level, then set back to 0
         s[-1] = min(sigma_range(config)[0], s[-2])
-    if config.is_continuous:
-        t = np.clip(schedule.continuous_t(config, s[:-1]), *schedule.time_range(config))
-    elif config.use_flow_sigmas:
-        t = (s[:-1] * config.num_train_timesteps).astype(np.int64)
-    elif config.solver_type == "logrho":
-        t = sigma_to_t(s[:-1], schedule.log_train_rhos(config)).round().astype(np.int64)
+    if keeps_custom_sigmas(config):
+        t = custom_model_times(config, s[:-1])
     else:
         t, s = _consistent_discrete_grid(sigma_to_t(s, schedule.log_train_rhos(config)), schedule.train_rhos(config))
     if ends_at_zero:
@@ -308,9 +310,28 @@ def custom_timesteps_and_sigmas(config: DEISConfig, sigmas: tuple[float, ...]) -
     return t, s
 
 
+def keeps_custom_sigmas(config: DEISConfig) -> bool:
+    """Whether a custom grid's sigmas are used as given (continuous, flow, or logrho on a discrete VP schedule);
+    otherwise they are rounded to training timesteps and replaced by those timesteps' sigmas."""
+    return config.is_continuous or config.use_flow_sigmas or config.solver_type == "logrho"
+
+
+def custom_model_times(config: DEISConfig, s, xp=np, whole: bool = True):
+    """The model's times at a kept custom grid's noise levels s > 0 (`keeps_custom_sigmas`): t(rho) clipped to
+    `schedule.time_range` (continuous), floor(s N) (flow), round(t(sigma)) (discrete VP, `sigma_to_t`), as int32; with
+    whole=False, s N and t(sigma) unrounded. numpy, or jax.numpy for a traced grid."""
+    if config.is_continuous:
+        return xp.clip(schedule.continuous_t(config, s, xp), *schedule.time_range(config))
+    if config.use_flow_sigmas:
+        t = s * config.num_train_timesteps
+        return xp.floor(t).astype(np.int32) if whole else t
+    t = sigma_to_t(s, schedule.log_train_rhos(config), xp)
+    return xp.round(t).astype(np.int32) if whole else t
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """Where the model is evaluated.
+    """Where the model is evaluated (numpy; jax.numpy for a traced grid, see `coefficients.build`).
 
     timesteps:   [E] the model's time input at each evaluation.
     sigmas:      [E + 1] float64, diffusers' `sigmas` at each evaluation and at the end.
@@ -319,9 +340,9 @@ class Grid:
                  data-prediction form). A step to sigma = 0 is one evaluation (the denoised estimate).
     """
 
-    timesteps: np.ndarray
-    sigmas: np.ndarray
-    step_sigmas: np.ndarray
+    timesteps: np.ndarray | jax.Array
+    sigmas: np.ndarray | jax.Array
+    step_sigmas: np.ndarray | jax.Array
 
 
 def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -113,3 +116,14 @@ def gaussian_flow(x, alpha_from, sigma_from, alpha_to, sigma_to):
     """Exact probability-flow map for Gaussian data: (x - alpha m) / sqrt(alpha^2 s^2 + sigma^2) is invariant."""
     z = (x - alpha_from * GAUSS_MEAN) / np.sqrt(alpha_from**2 * GAUSS_STD**2 + sigma_from**2)
     return alpha_to * GAUSS_MEAN + z * np.sqrt(alpha_to**2 * GAUSS_STD**2 + sigma_to**2)
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (once; registered in sys.modules, where dataclasses look it up)."""
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
