@@ -50,16 +50,17 @@ def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -
     last two steps when `lower_order_final` and N < 15, and lowered further so that the
     interpolation nodes sigma_i, sigma_{i-1}, ... are finite and distinct (repeated sigmas would
     make the Lagrange basis divide by zero; sigma = inf is a zero-SNR start, which iPNDM's fixed
-    weights can keep).
+    weights can keep, and rhoAB's data form, a polynomial in kappa = 1/rho = 0 there).
     """
     n = len(sigmas) - 1
     k = np.minimum(config.solver_order, np.maximum(np.arange(n) - begin_index, 0) + 1)
     if config.lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
         k[-1] = 1
         k[-2:] = np.minimum(k[-2:], 2)
+    keeps_inf = config.solver_type == "ipndm" or (config.solver_type == "rhoab" and config.predicts_data)
     for i in range(n):
         for j in range(1, k[i]):
-            at_infinity = not np.isfinite(sigmas[i - j]) and config.solver_type != "ipndm"
+            at_infinity = not np.isfinite(sigmas[i - j]) and not keeps_inf
             if at_infinity or np.any(sigmas[i - j] == sigmas[i - j + 1 : i + 1]):
                 k[i] = j
                 break
@@ -217,7 +218,7 @@ def build(config: DEISConfig, grid: spacing.Grid, begin_index: int) -> dict[str,
                 integrals = MULTISTEP_WEIGHTS[config.solver_type](kappa, orders[: len(kappa) - 1], config.solver_order)
     if to_zero:
         orders[-1] = 1
-        integrals = np.vstack([integrals, np.zeros_like(integrals[:1])])
+        integrals = np.vstack([integrals, np.zeros((1, integrals.shape[1]))])
     scale = sigma if config.predicts_data else alpha
     from_inf = np.isinf(grid.sigmas[:-1])
     last = np.arange(len(orders)) == len(orders) - 1
