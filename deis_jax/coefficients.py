@@ -61,13 +61,15 @@ def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -
 
     `static_orders`, lowered further so that the interpolation nodes sigma_i, sigma_{i-1}, ... are
     finite and distinct (repeated sigmas would make the Lagrange basis divide by zero; sigma = inf
-    is a zero-SNR start, which iPNDM's fixed weights can keep).
+    is a zero-SNR start, which iPNDM's fixed weights can keep, and rhoAB's data form, a polynomial in
+    kappa = 1/rho = 0 there).
     """
     n = len(sigmas) - 1
     k = static_orders(config, n, begin_index)
+    keeps_inf = config.solver_type == "ipndm" or (config.solver_type == "rhoab" and config.predicts_data)
     for i in range(n):
         for j in range(1, k[i]):
-            at_infinity = not np.isfinite(sigmas[i - j]) and config.solver_type != "ipndm"
+            at_infinity = not np.isfinite(sigmas[i - j]) and not keeps_inf
             if at_infinity or np.any(sigmas[i - j] == sigmas[i - j + 1 : i + 1]):
                 k[i] = j
                 break

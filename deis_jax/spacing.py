@@ -59,6 +59,18 @@ def max_inference_steps(config: DEISConfig) -> int:
     return n if config.timestep_spacing == "trailing" else n - 1
 
 
+def max_custom_steps(config: DEISConfig, ends_at_zero: bool) -> int:
+    """The most steps a custom grid may have, whatever the config's timestep_spacing: as many as there are
+    training timesteps where the grid's sigmas are kept (logrho and flow: the model may get a timestep twice,
+    as with diffusers' sigma grids); one fewer where a discrete grid is rounded to distinct training
+    timesteps (the other solvers), which takes one more timestep for where the solve ends, unless it ends
+    at 0; `max_inference_steps` for continuous schedules."""
+    if config.is_continuous:
+        return max_inference_steps(config)
+    n = config.num_train_timesteps
+    return n if config.use_flow_sigmas or config.solver_type == "logrho" or ends_at_zero else n - 1
+
+
 def check_flow_shift(config: DEISConfig, shift: float, name: str, value) -> None:
     """ValueError naming `name`=`value` unless the flow grids of every step count keep 0 < s < 1 in float32.
 
@@ -109,13 +121,14 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
 
 def sigma_to_t(sigma, log_train_rhos: np.ndarray, xp=np):
     """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped
-    (numpy, or jax.numpy for a traced sigma)."""
+    (sigma = inf, a zero-terminal-SNR start, is the last timestep); numpy, or jax.numpy for a traced sigma."""
     log_train_rhos = xp.asarray(log_train_rhos)
     log_sigma = xp.log(xp.maximum(sigma, SIGMA_FLOOR))
     low = xp.clip(xp.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
     lo, hi = log_train_rhos[low], log_train_rhos[low + 1]
     with np.errstate(divide="ignore", invalid="ignore"):
         w = xp.where(lo == hi, 0.0, xp.clip((lo - log_sigma) / (lo - hi), 0, 1))  # flat: any of its t; the lower
+    w = xp.where(xp.isposinf(log_sigma), 1.0, w)  # inf / inf next to a node at infinity
     return (1 - w) * low + w * (low + 1)
 
 
@@ -143,13 +156,16 @@ def _strictly_decreasing(t: np.ndarray, top: int) -> np.ndarray:
     return t
 
 
-def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
+def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray, to_zero: bool = False):
     """N + 1 rounded, strictly decreasing timesteps ending at 0 and their exact training rhos.
 
     The model is evaluated at the first N; each sigma is the noise level the model is trained
-    for at its timestep.
+    for at its timestep. With `to_zero`, t_grid holds only the N evaluations, and the grid ends
+    at sigma = 0, which is no training timestep.
     """
     t = _strictly_decreasing(np.round(t_grid).astype(np.int64), len(rhos) - 1)
+    if to_zero:
+        return t, np.append(rhos[t].astype(np.float64), 0.0)
     return t[:-1], rhos[t].astype(np.float64)
 
 
@@ -242,30 +258,38 @@ GRID_END_TOLERANCE = 1e-2  # relative: published grids round the ends (14.615 fo
 def check_sigmas(config: DEISConfig, sigmas, num_inference_steps: int | None) -> tuple[float, ...]:
     """A custom grid: N + 1 noise levels in the `sigmas` convention, strictly decreasing, inside the
     schedule's range (`sigma_range`, ends within a relative 1e-2 moved onto it), the last one may be 0
-    (a final step to the denoised estimate). Returns it as a tuple of floats (a static, hashable key)."""
+    (a final step to the denoised estimate), the first may be inf on a zero-terminal-SNR schedule (as its
+    named grids). Returns it as a tuple of floats (a static, hashable key)."""
     try:
         s = np.array(sigmas, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"sigmas={sigmas!r} is invalid: must be a 1-D array of numbers.") from None
-    want = "N + 1 entries" if num_inference_steps is None else f"num_inference_steps + 1 = {num_inference_steps + 1}"
+    want = "N + 1" if num_inference_steps is None else f"num_inference_steps + 1 = {num_inference_steps + 1}"
     if s.ndim != 1 or s.size < 2 or (num_inference_steps is not None and s.size != num_inference_steps + 1):
         raise ValueError(f"sigmas has shape {s.shape}: it must be 1-D with {want} entries (N steps need N + 1 "
                          "noise levels, the last one where the solve ends).")
+    given = s.tolist()  # the messages show the grid as given
     lo, hi = sigma_range(config)
     last = len(s) - 1 - int(s[-1] == 0)  # the smallest positive entry
-    if not config.use_flow_sigmas and hi < s[0] <= hi * (1 + GRID_END_TOLERANCE):
+    # Only the ends are moved, and only where their neighbour stays strictly inside (no level repeats).
+    if not config.use_flow_sigmas and hi < s[0] <= hi * (1 + GRID_END_TOLERANCE) and s[1] < hi:
         s[0] = hi
-    if not config.use_flow_sigmas and lo * (1 - GRID_END_TOLERANCE) <= s[last] < lo:
+    if not config.use_flow_sigmas and lo * (1 - GRID_END_TOLERANCE) <= s[last] < lo and (
+            last == 0 or s[last - 1] > lo):
         s[last] = lo
-    if not np.isfinite(s).all() or (s < 0).any() or not (np.diff(s) < 0).all():
-        raise ValueError(f"sigmas={s.tolist()} is invalid: must be finite, >= 0 and strictly decreasing.")
-    inside = (lo < s[last] and s[0] < hi) if config.use_flow_sigmas else (lo <= s[last] and s[0] <= hi)
+    finite = np.isfinite(s)
+    finite[0] |= s[0] == np.inf and schedule.zero_terminal_snr(config)
+    if not finite.all() or (s < 0).any() or not (np.diff(s) < 0).all():
+        raise ValueError(f"sigmas={given} is invalid: must be finite (the first may be inf on a "
+                         "zero-terminal-SNR schedule), >= 0 and strictly decreasing.")
+    top = s[1] if s[0] == np.inf else s[0]  # the largest finite level
+    inside = (lo < s[last] and s[0] < hi) if config.use_flow_sigmas else (lo <= s[last] and top <= hi)
     if not inside:
         interval = "(0, 1)" if config.use_flow_sigmas else f"[{lo:.6g}, {hi:.6g}]"
-        raise ValueError(f"sigmas={s.tolist()} is invalid: every entry must lie in the schedule's range "
+        raise ValueError(f"sigmas={given} is invalid: every entry must lie in the schedule's range "
                          f"{interval} (the last may be 0).")
     if config.final_sigmas_type == "zero" and s[-1] != 0:
-        raise ValueError(f"sigmas={s.tolist()} is invalid with DEISConfig.final_sigmas_type='zero': the grid "
+        raise ValueError(f"sigmas={given} is invalid with DEISConfig.final_sigmas_type='zero': the grid "
                          "must end at 0 (or use final_sigmas_type='sigma_min').")
     return tuple(float(v) for v in s)
 
@@ -287,26 +311,32 @@ def sigmas_from_timesteps(config: DEISConfig, timesteps, num_inference_steps: in
             or not (np.diff(t) < 0).all():
         raise ValueError(f"timesteps={timesteps!r} is invalid: must be a 1-D array of num_inference_steps "
                          f"integers, strictly decreasing, in 0..{top}.")
+    t = t.astype(np.int64)
     rhos = schedule.train_rhos(config)
-    end = 0.0 if config.final_sigmas_type == "zero" else float(rhos[0])
-    return check_sigmas(config, np.append(rhos[t.astype(np.int64)], end), None)
+    s = np.append(rhos[t], 0.0 if config.final_sigmas_type == "zero" else rhos[0])
+    same = np.flatnonzero(np.diff(s) >= 0)
+    if same.size:
+        i = int(same[0])
+        why = (f"its last timestep, {t[i]}, has the noise level where the solve ends with final_sigmas_type="
+               f"'sigma_min', rho(t = 0) = {s[i]:.6g} (a zero-length step); drop it or use final_sigmas_type='zero'"
+               if i == t.size - 1 else f"timesteps {t[i]} and {t[i + 1]} have the same noise level {s[i]:.6g}")
+        raise ValueError(f"timesteps={timesteps!r} is invalid: {why}.")
+    return check_sigmas(config, s, None)
 
 
 def custom_timesteps_and_sigmas(config: DEISConfig, sigmas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps [N], sigmas [N + 1]) of a custom grid (`check_sigmas`), by the rule each grid already follows:
     logrho on discrete VP schedules keeps the sigmas and gives the model round(t(sigma)) (as for Karras
     sigmas); the other solvers round to distinct timesteps and take their training sigmas; flow gives
-    int(s N); continuous schedules give t(rho) as a float. A final 0 stays 0."""
+    int(s N); continuous schedules give t(rho) as a float. A final 0 stays 0 (the rounded grid then has N
+    distinct timesteps, all evaluated; else N + 1, the last where the solve ends)."""
     s = np.array(sigmas, dtype=np.float64)
-    ends_at_zero = s[-1] == 0
-    if ends_at_zero:  # placed as if it ended at the smallest level, then set back to 0
-        s[-1] = min(sigma_range(config)[0], s[-2])
     if keeps_custom_sigmas(config):
         t = custom_model_times(config, s[:-1])
     else:
-        t, s = _consistent_discrete_grid(sigma_to_t(s, schedule.log_train_rhos(config)), schedule.train_rhos(config))
-    if ends_at_zero:
-        s[-1] = 0.0
+        to_zero = bool(s[-1] == 0)
+        t_grid = sigma_to_t(s[:-1] if to_zero else s, schedule.log_train_rhos(config))
+        t, s = _consistent_discrete_grid(t_grid, schedule.train_rhos(config), to_zero)
     return t, s
 
 

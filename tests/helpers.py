@@ -66,6 +66,39 @@ def diffusers_trajectory(kwargs: dict, n: int, x0: np.ndarray, mu=None, double=F
     return timesteps, sigmas, np.stack(out)
 
 
+def dpmsolver_trajectory(kwargs: dict, n: int | None, x0: np.ndarray, timesteps=None, sigma_table=None):
+    """(timesteps, sigmas, samples [N, *shape]) of diffusers' DPMSolverMultistepScheduler at solver_order=1.
+
+    Its `step` casts the sample to float32. With `sigma_table` (float64, [N + 1]) the run is float64 on
+    that table instead of its own (float32; equal up to float32 rounding), each step its order-1 `step`
+    written out in diffusers' methods: `convert_model_output`, then `dpm_solver_first_order_update`.
+    """
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    assert kwargs.get("solver_order") == 1, "the float64 path writes out the order-1 step"
+    sched = DPMSolverMultistepScheduler(**kwargs)
+    sched.set_timesteps(n, timesteps=timesteps)
+    out_timesteps, sigmas = sched.timesteps.numpy().copy(), sched.sigmas.numpy().copy()
+    double = sigma_table is not None
+    if double:
+        sched.sigmas = torch.from_numpy(np.array(sigma_table, np.float64))
+    dtype = np.float64 if double else np.float32
+    x = torch.from_numpy(x0.astype(dtype))
+    out = []
+    for t in sched.timesteps:
+        m = torch.from_numpy(toy_model(x.numpy(), float(t), xp=np).astype(dtype))
+        if double:
+            if sched.step_index is None:
+                sched._init_step_index(t)
+            x = sched.dpm_solver_first_order_update(sched.convert_model_output(m, sample=x), sample=x)
+            sched._step_index += 1
+        else:
+            x = sched.step(m, t, x).prev_sample
+        out.append(x.numpy().copy())
+    return out_timesteps, sigmas, np.stack(out)
+
+
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     """max_i |ours_i - ref_i|_inf / |ref_i|_inf over the steps of a trajectory."""
     axes = tuple(range(1, ref.ndim))
