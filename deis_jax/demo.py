@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import struct
 import time
 import zlib
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from deis_jax.config import ALGORITHM_TYPES, FINAL_SIGMAS_TYPES, MAX_SOLVER_ORDER, SOLVER_TYPES, DEISConfig
+from deis_jax.learn import load_grid
 from deis_jax.published import PUBLISHED_GRIDS, published_sigmas
 from deis_jax.sampling import sample
 from deis_jax.solver import set_timesteps
@@ -94,7 +96,12 @@ def resolve(args: argparse.Namespace) -> tuple[DEISConfig, np.ndarray | None]:
     config = DEISConfig(**fields)
     if args.grid in PUBLISHED_GRIDS:
         return config, published_sigmas(args.grid, config, args.nfe)
-    raise ValueError(f"--grid={args.grid!r} is invalid: must be one of {tuple(NAMED_GRIDS) + tuple(PUBLISHED_GRIDS)}.")
+    if args.grid.endswith(".json"):  # a learned grid brings the config it was trained for
+        if not os.path.isfile(args.grid):
+            raise ValueError(f"--grid={args.grid!r} is invalid: no such file.")
+        return load_grid(args.grid)
+    raise ValueError(f"--grid={args.grid!r} is invalid: must be one of {tuple(NAMED_GRIDS) + tuple(PUBLISHED_GRIDS)} "
+                     "or a learned-grid .json file (deis_jax.save_grid).")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="end at the smallest noise level (default) or at 0 on the denoised estimate")
     p.add_argument("--grid", default="linspace", metavar="GRID",
                    help=f"step grid: one of {', '.join(NAMED_GRIDS)} (default linspace); a published grid "
-                        f"({', '.join(PUBLISHED_GRIDS)}, interpolated to --nfe steps)")
+                        f"({', '.join(PUBLISHED_GRIDS)}, interpolated to --nfe steps); or a learned-grid .json "
+                        "(deis_jax.save_grid; it sets the config and step count, the solver options are not used)")
     p.add_argument("--out", default="digits_grid.png", help="output PNG path (default digits_grid.png)")
     p.add_argument("--weights", default=None, help="weights .npz (default: the bundled digits_unet.npz)")
     args = p.parse_args(argv)

@@ -130,3 +130,19 @@ def test_demo_rejects_bad_options(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         demo.parse_args(argv)
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_demo_takes_a_learned_grid_file(tmp_path, capsys):
+    """A save_grid JSON brings its config and step count; the run samples on exactly that grid."""
+    config = deis_jax.DEISConfig(solver_order=2, final_sigmas_type="zero", algorithm_type="data_prediction")
+    sigmas = np.array([157.40726, 20.0, 3.0, 0.5, 0.0])
+    path = tmp_path / "grid.json"
+    deis_jax.save_grid(path, config, sigmas)
+    loaded_config, loaded = demo.resolve(demo.parse_args(["--grid", str(path), "--nfe", "9"]))
+    assert loaded_config == config
+    np.testing.assert_allclose(loaded, deis_jax.set_timesteps(config, None, (1,), sigmas=sigmas).sigmas, rtol=1e-6)
+    assert demo.main(["--grid", str(path), "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert "NFE=4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--grid", str(tmp_path / "missing.json")])
+    assert "no such file" in capsys.readouterr().err
