@@ -1,21 +1,23 @@
 """Learn few-step grids for the bundled digits model and score them on held-out noise against the config's own grid.
 
-For each step count N, solver order and final_sigmas_type (logrho DEIS, DEISConfig()'s linear schedule):
+For each step count N, algorithm type, solver order and final_sigmas_type (logrho DEIS on DEISConfig()'s schedule):
 `deis_jax.optimize_sigmas` on a training batch of x_T drawn with numpy's default_rng(--train-seed) (so it shares
 no noise with benchmarks/digits_fid.py, which draws jax.random.key(seed) images), then the RMS pixel distance of
 the samples from a held-out batch (default_rng(--eval-seed)) to two references from the same noise, both logrho
-DEIS of order 3 at 200 steps uniform in log rho from sigma(t=999):
-  own: the training target (`learn.reference_sigmas`), ending at sigma(t=0) or, for "zero", on the denoised x0;
+DEIS of order 3 (noise form) at 200 steps uniform in log rho from sigma(t=999), as `optimize_sigmas` trains for:
+  own: ending like the row, at sigma(t=0) or, for final_sigmas_type="zero", on the denoised x0;
   x0:  the "zero" reference for every row, so rows of both final types compare on one scale.
 --save-dir writes the row with the lowest x0 distance for each N as <dir>/digits_n{N}.json (`save_grid`).
 
-Run:  python examples/learn_digits_grids.py [--nfe 5 10] [--orders 2 3] [--train-steps 100] [--save-dir DIR]
+Run:  python examples/learn_digits_grids.py [--nfe 5 10] [--orders 2 3] [--algorithms deis data_prediction]
+          [--train-steps 100] [--save-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -38,7 +40,7 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--orders", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--finals", nargs="+", default=list(dj.FINAL_SIGMAS_TYPES))
-    parser.add_argument("--algorithm", default="deis", choices=dj.ALGORITHM_TYPES)
+    parser.add_argument("--algorithms", nargs="+", default=["deis"], choices=dj.ALGORITHM_TYPES)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--eval-batch", type=int, default=1000)
     parser.add_argument("--train-seed", type=int, default=0)
@@ -60,12 +62,12 @@ def main() -> None:
     held = jnp.asarray(np.random.default_rng(args.eval_seed).standard_normal((args.eval_batch, *SHAPE)), jnp.float32)
     references: dict = {}
 
-    def reference(config):
+    def reference(config):  # one per final type (the config's ends do not depend on N or the solver here)
         key = config.final_sigmas_type
         if key not in references:
-            ends = learn.grid_ends(config, 1)
-            references[key] = dj.sample_from_noise(model_fn, held, config=learn.reference_config(config),
-                                                   sigmas=learn.reference_sigmas(config, ends, args.reference_steps))
+            config = learn.reference_config(dataclasses.replace(config, algorithm_type="deis"))
+            sigmas = learn.reference_sigmas(config, learn.grid_ends(config, 1), args.reference_steps)
+            references[key] = dj.sample_from_noise(model_fn, held, config=config, sigmas=sigmas)
         return references[key]
 
     def rms(a, b) -> float:
@@ -74,27 +76,25 @@ def main() -> None:
     print(f"train: default_rng({args.train_seed}) x {args.batch}; held out: default_rng({args.eval_seed}) x "
           f"{args.eval_batch}; {args.train_steps} Adam steps, lr {args.learning_rate}; jax {jax.__version__}, "
           f"{jax.devices()[0].device_kind}\n")
-    print("| N | order | final | grid | RMS to own ref | RMS to x0 ref | train s | sigmas |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| N | algorithm | order | final | grid | RMS to own ref | RMS to x0 ref | train s | sigmas |")
+    print("|---|---|---|---|---|---|---|---|---|")
     best: dict = {}
-    for n in args.nfe:
-        for order in args.orders:
-            for final in args.finals:
-                config = dj.DEISConfig(solver_order=order, final_sigmas_type=final, algorithm_type=args.algorithm)
-                start = time.perf_counter()
-                grid = dj.optimize_sigmas(model_fn, train, config=config, num_inference_steps=n,
-                                          reference_steps=args.reference_steps, train_steps=args.train_steps,
-                                          learning_rate=args.learning_rate)
-                seconds = time.perf_counter() - start
-                zero = dataclasses.replace(config, final_sigmas_type="zero")
-                for name, sigmas in (("own", spacing.grid(config, n).step_sigmas), ("learned", grid)):
-                    x = dj.sample_from_noise(model_fn, held, config=config, sigmas=sigmas)
-                    own, x0 = rms(x, reference(config)), rms(x, reference(zero))
-                    took = f"{seconds:.0f}" if name == "learned" else ""
-                    print(f"| {n} | {order} | {final} | {name} | {own:.4f} | {x0:.4f} | {took} | "
-                          f"{np.array2string(np.asarray(sigmas), precision=4, max_line_width=1000)} |", flush=True)
-                if n not in best or x0 < best[n][0]:
-                    best[n] = (x0, config, grid)
+    for n, algorithm, order, final in itertools.product(args.nfe, args.algorithms, args.orders, args.finals):
+        config = dj.DEISConfig(solver_order=order, final_sigmas_type=final, algorithm_type=algorithm)
+        start = time.perf_counter()
+        grid = dj.optimize_sigmas(model_fn, train, config=config, num_inference_steps=n,
+                                  reference_steps=args.reference_steps, train_steps=args.train_steps,
+                                  learning_rate=args.learning_rate)
+        seconds = time.perf_counter() - start
+        zero = dataclasses.replace(config, final_sigmas_type="zero")
+        for name, sigmas in (("own", spacing.grid(config, n).step_sigmas), ("learned", grid)):
+            x = dj.sample_from_noise(model_fn, held, config=config, sigmas=sigmas)
+            own, x0 = rms(x, reference(config)), rms(x, reference(zero))
+            took = f"{seconds:.0f}" if name == "learned" else ""
+            print(f"| {n} | {algorithm} | {order} | {final} | {name} | {own:.4f} | {x0:.4f} | {took} | "
+                  f"{np.array2string(np.asarray(sigmas), precision=4, max_line_width=1000)} |", flush=True)
+        if n not in best or x0 < best[n][0]:
+            best[n] = (x0, config, grid)
     if args.save_dir:
         for n, (_, config, grid) in best.items():
             path = os.path.join(args.save_dir, f"digits_n{n}.json")
