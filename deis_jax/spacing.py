@@ -391,7 +391,10 @@ def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None,
     rk = len(rho) - 1 - int(rho[-1] == 0)  # Runge-Kutta steps; a step to 0 is a single evaluation
     c = np.asarray(RUNGE_KUTTA[config.solver_order][0])
     kappa = schedule.integration_variable(config, rho[: rk + 1])
-    stage_kappa = ((1 - c)[None, :] * kappa[:-1, None] + c[None, :] * kappa[1:, None]).ravel()  # exact at c = 0, 1
-    eval_rho = np.concatenate([schedule.integration_variable(config, stage_kappa), rho[rk:-1]])
+    stage_kappa = (1 - c)[None, :] * kappa[:-1, None] + c[None, :] * kappa[1:, None]
+    # at c = 0 and 1 the step's own levels, exactly (in the data form 1 / (1 / rho) may miss rho by an ulp)
+    stage_rho = np.select([c == 0, c == 1], [rho[:rk, None], rho[1 : rk + 1, None]],
+                          schedule.integration_variable(config, stage_kappa)).ravel()
+    eval_rho = np.concatenate([stage_rho, rho[rk:-1]])
     return Grid(model_time(config, np.log(eval_rho)), schedule.sigma_from_rho(config, np.append(eval_rho, rho[-1])),
                 step_sigmas)
