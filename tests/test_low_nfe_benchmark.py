@@ -178,8 +178,8 @@ def test_tiny_run_writes_tables_and_plot(tmp_path):
         assert heading in text, heading
     rows = store["digits"]["rows"]
     assert len(store["mixture"]["selection"]) == 2 * len(low.QUICK_SOLVER_TYPES)
-    assert set(rows) == set(low.QUICK_DIFFUSERS if acc.HAVE_DIFFUSERS else ()) | {s["row"]["name"] for s in store["mixture"]["selection"]} | (
-        {f"learned {store['learn']['row']['name']}"} if store["learn"]["available"] else set())
+    want = {s["row"]["name"] for s in store["mixture"]["selection"]} | set(low.QUICK_DIFFUSERS * acc.HAVE_DIFFUSERS)
+    assert set(rows) == want | ({f"learned {store['learn']['row']['name']}"} if store["learn"]["available"] else set())
     assert {c["form"] for c in store["guided"]["cells"]} == {"eps", "data"}
     assert png.stat().st_size > 10_000
     again = low.main(tiny + ["--parts", "mixture"])  # a later part keeps the stored ones
