@@ -9,7 +9,13 @@ from deis_jax.config import (
     TIMESTEP_SPACINGS as TIMESTEP_SPACINGS,
     DEISConfig as DEISConfig,
 )
+from deis_jax.flax_scheduler import (
+    FlaxDEISMultistepScheduler as FlaxDEISMultistepScheduler,
+    FlaxDEISSchedulerOutput as FlaxDEISSchedulerOutput,
+    FlaxDEISSchedulerState as FlaxDEISSchedulerState,
+)
 from deis_jax.guidance import classifier_free_guidance as classifier_free_guidance
+from deis_jax.published import PUBLISHED_GRIDS as PUBLISHED_GRIDS, published_sigmas as published_sigmas
 from deis_jax.sampling import (
     NonFiniteError as NonFiniteError,
     img2img as img2img,
@@ -36,15 +42,20 @@ __all__ = [
     "BETA_SCHEDULES",
     "FINAL_SIGMAS_TYPES",
     "PREDICTION_TYPES",
+    "PUBLISHED_GRIDS",
     "SOLVER_TYPES",
     "TIMESTEP_SPACINGS",
     "DEISConfig",
     "DEISState",
+    "FlaxDEISMultistepScheduler",
+    "FlaxDEISSchedulerOutput",
+    "FlaxDEISSchedulerState",
     "NonFiniteError",
     "add_noise",
     "classifier_free_guidance",
     "convert_model_output",
     "img2img",
+    "published_sigmas",
     "run_loop",
     "sample",
     "sample_from_noise",

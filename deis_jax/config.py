@@ -28,7 +28,10 @@ FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 SOLVER_TYPES = ("logrho", "tab", "rhoab", "ipndm", "rhork")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 TIME_SHIFT_TYPES = ("exponential",)
-TIME_SCHEDULES = ("discrete", "vp_linear", "vp_cosine")
+TIME_SCHEDULES = ("discrete", "vp_linear", "vp_cosine", "ve")
+# What a variance-exploding model is given as its time: sigma itself (k-diffusion's convention) or EDM's
+# c_noise = ln(sigma) / 4.
+VE_TIME_INPUTS = ("sigma", "c_noise")
 MAX_SOLVER_ORDER = {"logrho": 3, "tab": 4, "rhoab": 4, "ipndm": 4, "rhork": 4}
 # Explicit Runge-Kutta tableaus (c, A, b): Euler, Heun, Kutta's third order, classic RK4.
 RUNGE_KUTTA = {
@@ -155,6 +158,11 @@ class DEISConfig:
     continuous_beta_max: float = 20.0
     t_min: float = 1e-3
     t_max: float | None = None
+    # deis_jax extension: variance-exploding (EDM) models, time_schedule="ve": x = x0 + sigma eps on
+    # [sigma_min, sigma_max] (EDM's defaults), the model given sigma or c_noise (VE_TIME_INPUTS).
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    ve_time_input: str = "sigma"
     # deis_jax extension: how many leading axes of a sample index examples. Dynamic thresholding takes one
     # quantile per example, over all remaining axes. 1: samples are (batch, ...), diffusers' convention.
     # 0: each sample is one example, e.g. when `jax.vmap` maps the sampler over examples of shape (C, H, W).
@@ -205,7 +213,12 @@ class DEISConfig:
         set_("continuous_beta_max", _check_float(
             "continuous_beta_max", self.continuous_beta_max, self.continuous_beta_min, math.inf, True, True))
         set_("t_min", _check_float("t_min", self.t_min, 0.0, 1.0, True, True))
-        if self.time_schedule != "discrete":
+        set_("sigma_min", _check_float("sigma_min", self.sigma_min, 0.0, math.inf, True, True))
+        set_("sigma_max", _check_float("sigma_max", self.sigma_max, self.sigma_min, math.inf, True, True))
+        _check_choice("ve_time_input", self.ve_time_input, VE_TIME_INPUTS)
+        if self.time_schedule == "ve":
+            self._check_ve()
+        elif self.time_schedule != "discrete":
             t_max_limit = DEFAULT_T_MAX[self.time_schedule]
             if self.t_max is None:
                 set_("t_max", t_max_limit)
@@ -235,6 +248,24 @@ class DEISConfig:
         from deis_jax import spacing  # noqa: PLC0415 (spacing imports this module)
 
         spacing.check_config(self)  # a usable step grid: finite noise levels, timesteps in range
+
+    def _check_ve(self) -> None:
+        """time_schedule="ve": sigma grids only (Karras unless exponential/beta is chosen), a denoiser
+        (sample) or eps model, no VP-only fields."""
+        if self.t_max is not None:
+            _fail("t_max", self.t_max, "is only used with a VP time_schedule; a 've' schedule runs on "
+                  "[sigma_min, sigma_max]; leave it None")
+        if self.use_flow_sigmas or self.trained_betas is not None:
+            _fail("time_schedule", "ve", "cannot be combined with use_flow_sigmas or trained_betas")
+        if self.prediction_type not in ("epsilon", "sample"):
+            _fail("prediction_type", self.prediction_type, "must be 'sample' (a denoiser D(x, sigma)) or 'epsilon' "
+                  "for time_schedule='ve'")
+        if self.timestep_spacing != "linspace":
+            _fail("timestep_spacing", self.timestep_spacing, "is not used by time_schedule='ve', whose grids are "
+                  "sigma grids (use_karras_sigmas, the default there, use_exponential_sigmas, use_beta_sigmas, "
+                  "or sigmas=); leave it 'linspace'")
+        if not (self.use_exponential_sigmas or self.use_beta_sigmas):
+            object.__setattr__(self, "use_karras_sigmas", True)
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> DEISConfig:
@@ -268,7 +299,13 @@ class DEISConfig:
 
     @property
     def is_continuous(self) -> bool:
+        """Continuous time: the model gets float times (VP t in [t_min, t_max], or VE sigma)."""
         return self.time_schedule != "discrete"
+
+    @property
+    def is_ve(self) -> bool:
+        """Variance exploding: alpha = 1, sigma = rho (time_schedule="ve")."""
+        return self.time_schedule == "ve"
 
     @property
     def uses_sigma_grid(self) -> bool:

@@ -145,7 +145,8 @@ def sample_from_noise(
     noise = jnp.asarray(noise)
     state = set_timesteps(config, _step_count(num_inference_steps, sigmas, timesteps), noise.shape, mu,
                           dtype=noise.dtype, begin_index=begin_index, sigmas=sigmas, timesteps=timesteps)
-    return run_loop(model_fn, noise * state.init_noise_sigma, state, progress=progress,
+    x = noise * state.init_noise_sigma if begin_index == 0 else noise  # a later start: the sample itself
+    return run_loop(model_fn, x, state, progress=progress,
                     check_finite=check_finite, remat=remat)
 
 

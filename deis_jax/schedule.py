@@ -112,9 +112,11 @@ def log_train_rhos(config: DEISConfig) -> np.ndarray:
 
 def alpha_sigma(config: DEISConfig, s, xp: ModuleType = jnp):
     """(alpha_t, sigma_t) from diffusers' `sigmas` entry s (rho for VP, the flow sigma for flow schedules):
-    alpha = 1 / sqrt(1 + rho^2), sigma = rho alpha (1 at rho = inf), or (1 - s, s) for flow."""
+    alpha = 1 / sqrt(1 + rho^2), sigma = rho alpha (1 at rho = inf), (1 - s, s) for flow, (1, s) for VE."""
     if config.use_flow_sigmas:
         return 1.0 - s, s
+    if config.is_ve:
+        return xp.ones_like(s), s
     alpha = 1.0 / xp.sqrt(s * s + 1.0)
     with np.errstate(invalid="ignore"):  # inf * 0 at rho = inf, replaced
         return alpha, xp.where(xp.isinf(s), 1.0, s * alpha)
@@ -139,7 +141,7 @@ def integration_variable(config: DEISConfig, rho):
         return 1.0 / rho
 
 
-# Continuous-time VP schedules (score SDE): t in [t_min, t_max].
+# Continuous-time schedules: VP (score SDE), t in [t_min, t_max]; VE (EDM), t = sigma or c_noise = ln(sigma) / 4.
 _COSINE_S = 0.008
 
 
@@ -148,7 +150,10 @@ def continuous_rho(config: DEISConfig, t, xp=np):
 
     vp_linear: log alpha_t = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2.
     vp_cosine: alpha_t^2 = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008.
+    ve:        rho = sigma = t, or e^(4 t) for EDM's c_noise input.
     """
+    if config.is_ve:
+        return xp.exp(4.0 * t) if config.ve_time_input == "c_noise" else t
     if config.time_schedule == "vp_linear":
         b0, b1 = config.continuous_beta_min, config.continuous_beta_max
         return xp.sqrt(xp.expm1(0.5 * t**2 * (b1 - b0) + t * b0))
@@ -158,12 +163,24 @@ def continuous_rho(config: DEISConfig, t, xp=np):
 
 def continuous_t(config: DEISConfig, rho: np.ndarray) -> np.ndarray:
     """The inverse of `continuous_rho` (float64, numpy)."""
+    if config.is_ve:
+        return np.log(rho) / 4.0 if config.ve_time_input == "c_noise" else rho
     log1p_rho2 = np.log1p(rho**2)  # = -2 log alpha_t
     if config.time_schedule == "vp_linear":
         b0, b1 = config.continuous_beta_min, config.continuous_beta_max
         return 2 * log1p_rho2 / (b0 + np.sqrt(b0**2 + 2 * (b1 - b0) * log1p_rho2))
     f0 = math.cos(_COSINE_S / (1 + _COSINE_S) * math.pi / 2)
     return (1 + _COSINE_S) * 2 / math.pi * np.arccos(f0 * np.exp(-0.5 * log1p_rho2)) - _COSINE_S
+
+
+def time_range(config: DEISConfig) -> tuple[float, float]:
+    """[t_lo, t_hi], the model times a continuous schedule is sampled on: [t_min, t_max] (VP), or the times
+    of [sigma_min, sigma_max] (VE)."""
+    if config.is_ve:
+        lo, hi = continuous_t(config, np.array([config.sigma_min, config.sigma_max]))
+        return float(lo), float(hi)
+    assert config.t_max is not None  # set by DEISConfig for VP schedules
+    return config.t_min, config.t_max
 
 
 def rho_at(config: DEISConfig, t, xp=np):

@@ -76,8 +76,9 @@ class DEISState:
         return self.timesteps.shape[0]
 
     @property
-    def init_noise_sigma(self) -> float:
-        return 1.0
+    def init_noise_sigma(self):
+        """The standard deviation of x_T: 1 (VP, flow), or the grid's first sigma (VE: x_T ~ N(0, sigma_0^2))."""
+        return self.sigmas[0] if self.config.is_ve else 1.0
 
     @property
     def ends_at_zero(self) -> bool:

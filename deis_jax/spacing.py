@@ -149,8 +149,7 @@ def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
 
 def _continuous_grid(config: DEISConfig, n: int):
     """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid)."""
-    t_lo, t_hi = config.t_min, config.t_max
-    assert t_hi is not None  # set by DEISConfig for continuous schedules
+    t_lo, t_hi = schedule.time_range(config)
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
         t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
@@ -207,7 +206,7 @@ def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
     """The model time t at u = log rho (float64): analytic for continuous and flow schedules,
     piecewise linear between training timesteps for discrete ones (`sigma_to_t`)."""
     if config.is_continuous:  # clipped: rho -> t rounding must not leave [t_min, t_max]
-        return np.clip(schedule.continuous_t(config, np.exp(log_rho)), config.t_min, config.t_max)
+        return np.clip(schedule.continuous_t(config, np.exp(log_rho)), *schedule.time_range(config))
     if config.use_flow_sigmas:
         return config.num_train_timesteps / (1.0 + np.exp(-log_rho))  # s * N, s = rho / (1 + rho)
     return sigma_to_t(np.exp(log_rho), schedule.log_train_rhos(config))
@@ -215,24 +214,24 @@ def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
 
 def sigma_range(config: DEISConfig) -> tuple[float, float]:
     """(smallest, largest) noise level of the schedule in the `sigmas` convention: rho at t = 0 and at the
-    last finite training timestep (discrete), rho(t_min) and rho(t_max) (continuous), or the flow sigma
-    s at 1 / num_train_timesteps and 1 - 1 / num_train_timesteps (flow)."""
+    last finite training timestep (discrete), rho(t_min) and rho(t_max) (continuous), or the open interval
+    (0, 1) of the flow sigma s (flow: any shift of the grid is a valid grid)."""
     if config.is_continuous:
-        lo, hi = schedule.continuous_rho(config, np.array([config.t_min, config.t_max]))
+        lo, hi = schedule.continuous_rho(config, np.array(schedule.time_range(config)))
         return float(lo), float(hi)
     if config.use_flow_sigmas:
-        return 1.0 / config.num_train_timesteps, 1.0 - 1.0 / config.num_train_timesteps
+        return 0.0, 1.0
     rhos = schedule.train_rhos(config)
     finite = rhos[np.isfinite(rhos)]
     return float(finite[0]), float(finite[-1])
 
 
-GRID_END_TOLERANCE = 1e-3  # relative: published grids round the schedule's ends (e.g. 14.615 for 14.6146)
+GRID_END_TOLERANCE = 1e-2  # relative: published grids round the ends (14.615 for 14.6146, 0.029 for 0.02917)
 
 
 def check_sigmas(config: DEISConfig, sigmas, num_inference_steps: int | None) -> tuple[float, ...]:
     """A custom grid: N + 1 noise levels in the `sigmas` convention, strictly decreasing, inside the
-    schedule's range (`sigma_range`, ends within a relative 1e-3 moved onto it), the last one may be 0
+    schedule's range (`sigma_range`, ends within a relative 1e-2 moved onto it), the last one may be 0
     (a final step to the denoised estimate). Returns it as a tuple of floats (a static, hashable key)."""
     try:
         s = np.array(sigmas, dtype=np.float64)
@@ -242,15 +241,19 @@ def check_sigmas(config: DEISConfig, sigmas, num_inference_steps: int | None) ->
     if s.ndim != 1 or s.size < 2 or (num_inference_steps is not None and s.size != num_inference_steps + 1):
         raise ValueError(f"sigmas has shape {s.shape}: it must be 1-D with {want} entries (N steps need N + 1 "
                          "noise levels, the last one where the solve ends).")
+    lo, hi = sigma_range(config)
+    last = len(s) - 1 - int(s[-1] == 0)  # the smallest positive entry
+    if not config.use_flow_sigmas and hi < s[0] <= hi * (1 + GRID_END_TOLERANCE):
+        s[0] = hi
+    if not config.use_flow_sigmas and lo * (1 - GRID_END_TOLERANCE) <= s[last] < lo:
+        s[last] = lo
     if not np.isfinite(s).all() or (s < 0).any() or not (np.diff(s) < 0).all():
         raise ValueError(f"sigmas={s.tolist()} is invalid: must be finite, >= 0 and strictly decreasing.")
-    lo, hi = sigma_range(config)
-    s[np.abs(s - hi) <= GRID_END_TOLERANCE * hi] = min(s[0], hi)
-    s[(s > 0) & (np.abs(s - lo) <= GRID_END_TOLERANCE * lo)] = max(s[s > 0][-1], lo)
-    inside = (s[:-1] >= lo) & (s[:-1] <= hi)
-    if not inside.all() or not (s[-1] == 0 or lo <= s[-1] <= hi):
+    inside = (lo < s[last] and s[0] < hi) if config.use_flow_sigmas else (lo <= s[last] and s[0] <= hi)
+    if not inside:
+        interval = "(0, 1)" if config.use_flow_sigmas else f"[{lo:.6g}, {hi:.6g}]"
         raise ValueError(f"sigmas={s.tolist()} is invalid: every entry must lie in the schedule's range "
-                         f"[{lo:.6g}, {hi:.6g}] (the last may be 0).")
+                         f"{interval} (the last may be 0).")
     if config.final_sigmas_type == "zero" and s[-1] != 0:
         raise ValueError(f"sigmas={s.tolist()} is invalid with DEISConfig.final_sigmas_type='zero': the grid "
                          "must end at 0 (or use final_sigmas_type='sigma_min').")
@@ -289,7 +292,7 @@ def custom_timesteps_and_sigmas(config: DEISConfig, sigmas: tuple[float, ...]) -
     if ends_at_zero:  # placed as if it ended at the smallest level, then set back to 0
         s[-1] = min(sigma_range(config)[0], s[-2])
     if config.is_continuous:
-        t = np.clip(schedule.continuous_t(config, s[:-1]), config.t_min, config.t_max)
+        t = np.clip(schedule.continuous_t(config, s[:-1]), *schedule.time_range(config))
     elif config.use_flow_sigmas:
         t = (s[:-1] * config.num_train_timesteps).astype(np.int64)
     elif config.solver_type == "logrho":

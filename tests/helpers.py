@@ -10,6 +10,12 @@ import numpy as np
 
 import deis_jax as dj
 
+# Stable Diffusion 1.5's scheduler_config.json (written by diffusers 0.6): the keys a pipeline load starts from.
+SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+        "trained_betas": None}
+
 
 def toy_model(x, t, xp=jnp):
     """A smooth, nonlinear, time-dependent stand-in for a network (numpy or jax.numpy)."""

@@ -13,6 +13,7 @@ import pytest
 import deis_jax as dj
 from deis_jax import DEISConfig
 from deis_jax.config import DIFFUSERS_FIELDS, MAX_SOLVER_ORDER
+from helpers import SD15
 
 
 def test_fields_and_defaults_equal_diffusers_signature():
@@ -148,11 +149,6 @@ def test_zero_terminal_snr_betas_accepted():
     assert DEISConfig(trained_betas=betas).trained_betas[-1] == 1.0
 
 
-# Stable Diffusion 1.5's scheduler_config.json (written by diffusers 0.6): the keys a pipeline load starts from.
-SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
-        "trained_betas": None}
 # Non-default settings per scheduler, including settings DEIS does not have and diffusers' aliases.
 CUSTOM = {
     "DDIMScheduler": {"clip_sample": True, "set_alpha_to_one": True, "prediction_type": "v_prediction",

@@ -99,3 +99,34 @@ def test_samples_look_like_digits(model, digits):
     assert abs(frac_bg(samples) - frac_bg(x)) < 0.1, (frac_bg(samples), frac_bg(x))
     hist = lambda a: np.histogram(np.clip(a, -1, 1), bins=8, range=(-1, 1))[0] / a.size  # noqa: E731
     assert 0.5 * np.abs(hist(samples) - hist(x)).sum() < 0.2  # total-variation distance
+
+
+def test_demo_options_reach_the_sampler(tmp_path, capsys):
+    """Solver, algorithm, final-step and grid options build that config and grid, and the run reports them."""
+    args = demo.parse_args(["--solver-type", "ipndm", "--order", "4", "--algorithm-type", "data_prediction",
+                            "--final-sigmas-type", "zero", "--grid", "karras", "--nfe", "6"])
+    config, sigmas = demo.resolve(args)
+    assert sigmas is None
+    assert config == deis_jax.DEISConfig(solver_type="ipndm", solver_order=4, algorithm_type="data_prediction",
+                                         final_sigmas_type="zero", use_karras_sigmas=True)
+    args = demo.parse_args(["--grid", "ays_sd15_timesteps", "--nfe", "10", "--final-sigmas-type", "zero"])
+    config, sigmas = demo.resolve(args)
+    rhos = deis_jax.schedule.train_rhos(config)
+    np.testing.assert_array_equal(sigmas, np.append(rhos[[999, 850, 736, 645, 545, 455, 343, 233, 124, 24]], 0.0))
+
+    out = tmp_path / "g.png"
+    assert demo.main(["--num", "4", "--nfe", "3", "--solver-type", "rhork", "--order", "2",
+                      "--final-sigmas-type", "zero", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "NFE=5" in text and "solver_type='rhork'" in text  # 2 Heun steps of 2 evaluations, then one to 0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--grid", "cosine"], "--grid='cosine' is invalid"),
+    (["--order", "4"], "solver_order=4 is invalid"),  # logrho stops at 3
+    (["--algorithm-type", "dpm"], "invalid choice"),
+])
+def test_demo_rejects_bad_options(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.parse_args(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err

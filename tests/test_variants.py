@@ -130,7 +130,7 @@ def test_continuous_time_models_get_float_timesteps(time_schedule, variant, grid
 
 def test_continuous_config_validation():
     with pytest.raises(ValueError, match="time_schedule"):
-        dj.DEISConfig(time_schedule="ve")
+        dj.DEISConfig(time_schedule="vp_exp")
     with pytest.raises(ValueError, match="t_max"):
         dj.DEISConfig(t_max=0.9)
     with pytest.raises(ValueError, match="time_schedule"):
