@@ -2,8 +2,9 @@
 
 Method
 ------
-Four parts, each stored in one JSON file (`--out-json`) so that they can run one at a time (`--parts`); the
-tables and the plot are written from everything the JSON holds.
+Five parts, each stored in one JSON file (`--out-json`) so that they can run one at a time (`--parts`, each
+part replacing its stored result; --digits-rows runs part of the digits rows); the tables and the plot are
+written from everything the JSON holds.
 
 * mixture: the Gaussian mixture of `benchmarks/accuracy.py` (its `Problem`, exact eps-model and DOP853 exact
   solution, float64, 12 components in 12 dims), with a training noise batch (`--mix-train-seed`) and a
@@ -20,8 +21,13 @@ tables and the plot are written from everything the JSON holds.
     the NFE (`accuracy.steps_for_nfe`: its step to 0 is one evaluation).
   * Learned grid: `deis_jax.optimize_sigmas` on the training noise for the best hand configuration (lowest
     training score of the selected ones), one grid per NFE, evaluated on the held-out noise.
-* learn: the same for the digits model (training noise `--digits-train-seed`, `--learn-batch` samples),
-  at `--learn-nfe`; the training time of each grid is reported.
+* select: the digits' hand grids, chosen as on the mixture (same candidates, same geometric mean over the
+  NFEs) by the RMS pixel distance to the ODE reference below, on `--select-samples` samples of the digits'
+  training noise (`--digits-train-seed`). (The mixture's choices do not transfer: its sharp modes favour
+  the quadratic grid, which on digits gives FID 100-370 at NFE 3-5.)
+* learn: learned grids for the digits model (the best selected digits configuration that optimize_sigmas
+  takes; training noise `--digits-train-seed`, `--learn-batch` samples), at `--digits-learn-nfe`; the
+  training time of each grid is reported.
 * digits: FID exactly as `benchmarks/digits_fid.py` (its real digits, classifier embedder, Frechet distance;
   samples clipped to [-1, 1] first), `--num-samples` samples per cell from held-out noise
   (`digits_fid.initial_noise(--seed)`, the noise of digits_fid's tables), with a bootstrap spread: the
@@ -32,8 +38,8 @@ tables and the plot are written from everything the JSON holds.
   pixels |x| > 1.1 before clipping).
 * guided: classifier guidance of the unconditional digits UNet with the bundled clean-image classifier
   applied to the denoised estimate (`guided_model`: x0_guided = x0_hat + scale sigma_t^2 grad log p(y | x0_hat)),
-  logrho orders 2 and 3, linspace grid, final step to
-  0, eps form vs data-prediction form, at NFE 10 and 5 and guidance scales 0 (unguided), 1, 2, 4, 6, 8;
+  logrho orders 2 and 3, linspace grid, final step to 0, eps form vs data-prediction form, at NFE 10 and 5
+  and guidance scales 0 (unguided), 1, 2, 4, 6, 8;
   target class i % 10 for sample i. Reported: target-class accuracy of the guiding classifier and of an
   independent judge (sklearn logistic regression on pixels), FID against all real digits (the targets are
   balanced, as the real digits are), overshoot and the number of non-finite samples (metrics use the
@@ -43,12 +49,11 @@ diffusers contenders (`diffusers_rows`): DPMSolverMultistepScheduler (dpmsolver+
 final_sigmas_type="zero", default linspace and Karras grids), UniPCMultistepScheduler (bh2, orders 2 and 3,
 its defaults: linspace, final step to 0) and DDIMScheduler (leading = its default, and trailing spacing;
 set_alpha_to_one=True; clip_sample=False, as no other row clips x0; it steps from t to t - 1000 // N, so it
-ends at sigma = 0 except where that lands on t = 0 exactly: trailing at N = 3, 6, 10, 15, 20 ... ends at
-sigma(t=0) = 0.01). On the mixture
-they get the exact model in float64 (`accuracy.run_diffusers`); on digits they drive the jitted JAX UNet
-from a Python loop, as `digits_fid.py` does.
+ends at sigma = 0 except where that lands on t = 0 exactly: trailing at N = 6 and 15 ends at sigma(t=0) =
+0.01). On the mixture they get the exact model in float64 (`accuracy.run_diffusers`); on digits they drive
+the jitted JAX UNet from a Python loop, as `digits_fid.py` does.
 
-Run:  python benchmarks/low_nfe.py [--quick] [--parts mixture learn digits guided]
+Run:  python benchmarks/low_nfe.py [--quick] [--parts mixture select learn digits guided]
           [--out-json benchmarks/low_nfe_results.json] [--out-md benchmarks/low_nfe_results.md]
           [--out-png benchmarks/low_nfe.png]
 (--quick: small sizes, no files unless asked.)
@@ -233,13 +238,13 @@ def geometric_mean(values) -> float:
     return float(np.exp(np.mean(np.log(v)))) if np.all(np.isfinite(v) & (v > 0)) else math.inf
 
 
-def select_hand_grids(train: acc.Problem, candidates: dict, nfes, log=print) -> list[dict]:
-    """For each (solver type, form): the candidate with the lowest geometric-mean training error over nfes."""
+def select_hand_grids(error, candidates: dict, nfes, log=print) -> list[dict]:
+    """For each (solver type, form): the candidate with the lowest geometric mean over nfes of error(row, nfe),
+    its error on the training noise (nan for a cell not run, which rules the candidate out)."""
     out = []
     for (solver_type, form), rows in candidates.items():
         t0 = time.perf_counter()
-        scored = sorted(((geometric_mean(mixture_errors(train, r, n)["zero"] for n in nfes), r) for r in rows),
-                        key=lambda e: e[0])
+        scored = sorted(((geometric_mean(error(r, n) for n in nfes), r) for r in rows), key=lambda e: e[0])
         (best_score, best), (second_score, second) = scored[0], scored[1] if len(scored) > 1 else (math.nan, None)
         out.append(dict(solver_type=solver_type, form=form, row=best.to_json(), train_score=best_score,
                         candidates=len(rows), runner_up=second.name if second else None, runner_up_score=second_score))
@@ -288,7 +293,8 @@ def mixture_part(args, log=print) -> dict:
     train = acc.Problem(**kw, noise_seed=args.mix_train_seed)
     test = acc.Problem(**kw, noise_seed=args.mix_test_seed)
     log(f"mixture: selecting hand grids on the training noise (seed {args.mix_train_seed}), NFE {nfes}")
-    selection = select_hand_grids(train, hand_candidates(args.quick), nfes, log)
+    selection = select_hand_grids(lambda r, n: mixture_errors(train, r, n)["zero"], hand_candidates(args.quick),
+                                  nfes, log)
     selected = [Row.from_json(s["row"]) for s in selection]
     rows: dict = {}
     log(f"mixture: held-out noise (seed {args.mix_test_seed})")
@@ -455,6 +461,35 @@ def digits_reference(unet, noise, args) -> np.ndarray:
     return reference
 
 
+def select_part(args, log=print) -> dict:
+    """The digits' hand grids: `select_hand_grids` by the RMS pixel distance to the ODE reference (solver error)
+    on --select-samples samples of the training noise (digits_fid.initial_noise(--digits-train-seed)). The
+    loop is `dj.step` called eagerly with the jitted UNet (no compilation per candidate)."""
+    from flax import nnx
+
+    unet, _ = load_models()
+    gm, sm = nnx.split(unet)
+    model = jax.jit(lambda sm, x, t: nnx.merge(gm, sm)(x, t))
+    noise = dfid.initial_noise(args.digits_train_seed, args.select_samples)
+    reference = deis_generator(unet, REFERENCE, REFERENCE_STEPS)(noise)
+
+    def error(row: Row, nfe: int) -> float:
+        steps = deis_steps(row.config, nfe)
+        if steps is None:
+            return math.nan
+        x = jnp.asarray(noise)
+        state = dj.set_timesteps(row.config, steps, x.shape)
+        for t in state.timesteps:
+            x, state = dj.step(state, model(sm, x, t), t, x)
+        x = np.asarray(x)
+        return dfid.rms(x, reference) if np.isfinite(x).all() else math.nan
+
+    log(f"select: digits hand grids by RMS to the ODE reference, {args.select_samples} training samples "
+        f"(seed {args.digits_train_seed}), NFE {args.nfes}")
+    return dict(selection=select_hand_grids(error, hand_candidates(args.quick), args.nfes, log),
+                samples=args.select_samples, seed=args.digits_train_seed, nfes=list(args.nfes))
+
+
 def digits_part(args, selection: list[dict], learned: dict | None, previous: dict | None, log=print) -> dict:
     """FID cells of the --digits-rows groups; rows of the other groups are kept from an earlier run with the same
     NFEs, samples and noise."""
@@ -619,6 +654,18 @@ def fmt_fid(c: dict | None, n=None) -> str:
     return text + (f" [{c['nfe']}]" if n is not None and c.get("nfe", n) != n else "")
 
 
+def selection_markdown(selection: list[dict], score: str) -> list[str]:
+    lines = [f"Geometric mean over the NFEs of the {score}; each (solver type, form) chose among its orders x "
+             "grids (linspace, trailing, quadratic; exponential, Karras, beta sigmas) x lower_order_final, all with "
+             "final_sigmas_type=\"zero\" (a candidate that cannot run at some NFE is out: rhoRK of order >= 3 "
+             "at NFE 3).", "", "| solver type | form | chosen | score | runner-up | score | candidates |",
+             "|---|---|---|---:|---|---:|---:|"]
+    for s in selection:
+        lines.append(f"| {s['solver_type']} | {s['form']} | {Row.from_json(s['row']).name} | {s['train_score']:.3e} "
+                     f"| {s['runner_up']} | {s['runner_up_score']:.3e} | {s['candidates']} |")
+    return lines
+
+
 def mixture_markdown(mix: dict) -> list[str]:
     nfes = mix["nfes"]
     head = "| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---:|" * len(nfes)
@@ -633,14 +680,8 @@ def mixture_markdown(mix: dict) -> list[str]:
     if lrn.get("grids"):
         lines.append(f"| **learned** {Row.from_json(lrn['row']).name} | " + " | ".join(
             fmt_err(lrn["grids"][str(n)]["test"], n) if str(n) in lrn["grids"] else "-" for n in nfes) + " |")
-    lines += ["", "### Hand-grid selection (training noise)", "",
-              "Geometric mean over the NFEs of the training error; each (solver type, form) chose among its "
-              "orders x grids x lower_order_final, all with final_sigmas_type=\"zero\".", "",
-              "| solver type | form | chosen | score | runner-up | score | candidates |",
-              "|---|---|---|---:|---|---:|---:|"]
-    for s in mix["selection"]:
-        lines.append(f"| {s['solver_type']} | {s['form']} | {Row.from_json(s['row']).name} | {s['train_score']:.3e} "
-                     f"| {s['runner_up']} | {s['runner_up_score']:.3e} | {s['candidates']} |")
+    lines += ["", "### Hand-grid selection (training noise)", ""] + selection_markdown(
+        mix["selection"], "training error at sigma = 0")
     lines += ["", "### The final step: sigma_min vs zero (held-out noise)", "",
               "Each selected configuration with final_sigmas_type=\"sigma_min\" (ends at sigma(t=0) = 0.01): "
               "error against the exact solution at sigma = 0 / at its own end; then the same configuration with "
@@ -665,7 +706,7 @@ def mixture_markdown(mix: dict) -> list[str]:
     return lines
 
 
-def digits_markdown(dig: dict, learned: dict | None) -> list[str]:
+def digits_markdown(dig: dict, select: dict, learned: dict | None) -> list[str]:
     nfes, refs = dig["nfes"], dig["refs"]
     head = "| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---:|" * len(nfes)
     lines = ["## Digits: FID (± bootstrap std)", "",
@@ -673,7 +714,7 @@ def digits_markdown(dig: dict, learned: dict | None) -> list[str]:
              f"FID as in benchmarks/digits_fid.py, ± the std of {dig['bootstrap']} bootstrap resamples of the "
              f"samples. Real vs real (split halves): {refs['floor_mean']:.2f} ± {refs['floor_std']:.2f}. ODE "
              f"reference (rhoAB-3, exponential grid, {REFERENCE_STEPS} steps, final step to 0): "
-             f"{fmt_fid(refs['ode'])}. Hand grids: the ones selected on the mixture's training noise.", "", head]
+             f"{fmt_fid(refs['ode'])}. Hand grids: selected on the digits' training noise (below).", "", head]
     for name, r in dig["rows"].items():
         lines.append(f"| {name} | " + " | ".join(fmt_fid(r["cells"].get(str(n)), n) for n in nfes) + " |")
     lines += ["", "### Best deis_jax vs best diffusers (by FID, at each NFE)", "",
@@ -690,6 +731,10 @@ def digits_markdown(dig: dict, learned: dict | None) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(
                 format(r["cells"][str(n)][key], f) if str(n) in r["cells"] and key in r["cells"][str(n)] else "-"
                 for n in nfes) + " |")
+    lines += ["", "### Digits hand-grid selection (training noise)", "",
+              f"RMS pixel distance to the ODE reference on {select['samples']} samples of "
+              f"digits_fid.initial_noise({select['seed']}), the loop stepped eagerly.", ""] + selection_markdown(
+        select["selection"], "RMS distance")
     if learned and learned.get("grids"):
         lines += ["", "### Learned digits grids", "",
                   f"`deis_jax.optimize_sigmas` for {Row.from_json(learned['row']).name} on training noise "
@@ -756,7 +801,7 @@ def markdown(store: dict) -> str:
              f"Made by `benchmarks/low_nfe.py` (method in its docstring). Machine: {platform.platform()}, "
              f"{os.cpu_count()} CPU cores shared with other work; {meta.get('versions', '')}.", "",
              "| part | command | date | wall time |", "|---|---|---|---:|"]
-    for part in ("mixture", "learn", "digits", "guided"):
+    for part in PARTS:
         if part in meta.get("parts", {}):
             m = meta["parts"][part]
             lines.append(f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |")
@@ -764,13 +809,15 @@ def markdown(store: dict) -> str:
     if "mixture" in store:
         lines += [""] + mixture_markdown(store["mixture"])
     if "digits" in store:
-        lines += [""] + digits_markdown(store["digits"], store.get("learn"))
+        lines += [""] + digits_markdown(store["digits"], store["select"], store.get("learn"))
     if "guided" in store:
         lines += [""] + guided_markdown(store["guided"])
     return "\n".join(lines) + "\n"
 
 
 def plot(store: dict, path: str) -> None:
+    """Mixture error and digits FID against NFE (every row faint; the best row of each camp at each NFE and the
+    learned grid bold), and the guided FID against the guidance scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -791,14 +838,22 @@ def plot(store: dict, path: str) -> None:
             ax.set(xlabel="guidance scale", ylabel="FID", yscale="log", title="classifier-guided digits")
         else:
             key = "zero" if part == "mixture" else "fid"
-            for name, r in data["rows"].items():
+            for r in data["rows"].values():
                 row = Row.from_json(r["row"])
-                pts = sorted((c["nfe"], c[key]) for c in r["cells"].values() if _finite(c.get(key)))
+                if row.family != "deis_jax learned":
+                    pts = sorted((int(n), c[key]) for n, c in r["cells"].items() if _finite(c.get(key)))
+                    ax.plot(*zip(*pts, strict=True), "-" if row.is_deis else "--", lw=0.7, alpha=0.35,
+                            color="tab:blue" if row.is_deis else "tab:red")
+            for label, pick, style in (("best diffusers row", lambda r: not r.is_deis, dict(color="tab:red", ls="--")),
+                                       ("best deis_jax hand grid", lambda r: r.family == "deis_jax",
+                                        dict(color="tab:blue")),
+                                       ("learned grid", lambda r: r.family == "deis_jax learned",
+                                        dict(color="k", marker="*", ms=9))):
+                pts = [(n, b[1][key]) for n in data["nfes"] if (b := best_row(data["rows"], n, pick, key))]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), "o-" if row.is_deis else "s--", ms=3,
-                            lw=2.2 if row.family == "deis_jax learned" else 1.2, label=name)
+                    ax.plot(*zip(*pts, strict=True), lw=2.2, **{"marker": "o", "ms": 4, **style}, label=label)
             if part == "mixture" and data["learned"].get("grids"):
-                pts = sorted((g["test"]["nfe"], g["test"]["zero"]) for g in data["learned"]["grids"].values())
+                pts = sorted((int(n), g["test"]["zero"]) for n, g in data["learned"]["grids"].items())
                 ax.plot(*zip(*pts, strict=True), "k*-", lw=2.2, ms=9, label="learned grid")
             if part == "digits":
                 ax.axhline(data["refs"]["floor_mean"], color="k", ls=":", lw=1, label="real vs real")
@@ -808,7 +863,7 @@ def plot(store: dict, path: str) -> None:
             ax.set_xticks(data["nfes"], [str(n) for n in data["nfes"]])
             ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6, ncol=1)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -816,7 +871,7 @@ def plot(store: dict, path: str) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
-PARTS = ("mixture", "learn", "digits", "guided")
+PARTS = ("mixture", "select", "learn", "digits", "guided")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -841,7 +896,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learn-reference-steps", type=int, default=200)
     p.add_argument("--learn-lr", type=float, default=None)
     p.add_argument("--learn-batch", type=int, default=256, help="digits training noise batch")
-    p.add_argument("--digits-train-seed", type=int, default=1)
+    p.add_argument("--digits-train-seed", type=int, default=1, help="digits training noise (selection, learning)")
+    p.add_argument("--select-samples", type=int, default=None,
+                   help="digits training samples for the hand-grid selection (64; 16 with --quick)")
     p.add_argument("--num-samples", type=int, default=None, help="digits samples per cell (2000; 300 with --quick)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="digits held-out noise (digits_fid.py's)")
@@ -857,6 +914,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.learn_nfe = tuple(args.learn_nfe or ((5,) if q else (3, 4, 5, 6, 8, 10)))
     args.digits_learn_nfe = tuple(args.digits_learn_nfe or ((5,) if q else (5, 10)))
     args.num_samples = args.num_samples or (300 if q else 2000)
+    args.select_samples = args.select_samples or (16 if q else 64)
     args.bootstrap = args.bootstrap or (20 if q else 100)
     args.guided_samples = args.guided_samples or (100 if q else 500)
     args.guided_nfes = (5,) if q else GUIDED_NFES
@@ -915,14 +973,16 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         if part == "mixture":
             store["mixture"] = mixture_part(args)
-        elif "mixture" not in store:
-            raise SystemExit(f"--parts {part} needs the mixture part's hand-grid selection: run --parts mixture first")
-        elif part == "learn":
-            store["learn"] = learn_part(args, store["mixture"]["selection"], store.get("learn"))
-        elif part == "digits":
-            store["digits"] = digits_part(args, store["mixture"]["selection"], store.get("learn"), store.get("digits"))
-        else:
+        elif part == "select":
+            store["select"] = select_part(args)
+        elif part == "guided":
             store["guided"] = guided_part(args)
+        elif "select" not in store:
+            raise SystemExit(f"--parts {part} needs the digits' hand-grid selection: run --parts select first")
+        elif part == "learn":
+            store["learn"] = learn_part(args, store["select"]["selection"], store.get("learn"))
+        else:
+            store["digits"] = digits_part(args, store["select"]["selection"], store.get("learn"), store.get("digits"))
         meta["parts"][part] = dict(command=command, wall=time.perf_counter() - t0,
                                    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
         if args.out_json:
