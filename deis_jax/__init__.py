@@ -15,6 +15,11 @@ from deis_jax.flax_scheduler import (
     FlaxDEISSchedulerState as FlaxDEISSchedulerState,
 )
 from deis_jax.guidance import classifier_free_guidance as classifier_free_guidance
+from deis_jax.learn import (
+    load_grid as load_grid,
+    optimize_sigmas as optimize_sigmas,
+    save_grid as save_grid,
+)
 from deis_jax.published import PUBLISHED_GRIDS as PUBLISHED_GRIDS, published_sigmas as published_sigmas
 from deis_jax.sampling import (
     NonFiniteError as NonFiniteError,
@@ -55,10 +60,13 @@ __all__ = [
     "classifier_free_guidance",
     "convert_model_output",
     "img2img",
+    "load_grid",
+    "optimize_sigmas",
     "published_sigmas",
     "run_loop",
     "sample",
     "sample_from_noise",
+    "save_grid",
     "scale_model_input",
     "set_begin_index",
     "set_timesteps",

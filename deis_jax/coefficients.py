@@ -23,8 +23,8 @@ The other variants of the paper change only the integral (the weights):
 
 The closed-form weight functions (logrho, rhoab, ipndm, rhork) take an array namespace `xp`:
 `build` calls them with numpy in float64 for a static grid (the caller casts the finished table
-once), and they are traceable with `xp=jax.numpy` for grids that are themselves computed or learned
-under `jax.grad`. tAB's quadrature (`tab_weights`) is host-only numpy.
+once), and `build(..., xp=jax.numpy)` with a traced grid, one learned under `jax.grad`
+(`deis_jax.learn`). tAB's quadrature (`tab_weights`) is host-only numpy.
 """
 
 from __future__ import annotations
@@ -43,23 +43,33 @@ ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12)
 GAUSS_LEGENDRE_NODES = 16
 
 
-def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -> np.ndarray:
-    """k_i, the number of past outputs step i uses: int array [N].
+def static_orders(config: DEISConfig, n: int, begin_index: int) -> np.ndarray:
+    """k_i before looking at the grid's values: int array [N].
 
     k_i = min(solver_order, steps taken since begin_index + 1), lowered to 1 and 2 on the
-    last two steps when `lower_order_final` and N < 15, and lowered further so that the
-    interpolation nodes sigma_i, sigma_{i-1}, ... are finite and distinct (repeated sigmas would
-    make the Lagrange basis divide by zero; sigma = inf is a zero-SNR start, which iPNDM's fixed
-    weights can keep).
+    last two steps when `lower_order_final` and N < 15.
     """
-    n = len(sigmas) - 1
     k = np.minimum(config.solver_order, np.maximum(np.arange(n) - begin_index, 0) + 1)
     if config.lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
         k[-1] = 1
         k[-2:] = np.minimum(k[-2:], 2)
+    return k
+
+
+def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -> np.ndarray:
+    """k_i, the number of past outputs step i uses: int array [N].
+
+    `static_orders`, lowered further so that the interpolation nodes sigma_i, sigma_{i-1}, ... are
+    finite and distinct (repeated sigmas would make the Lagrange basis divide by zero; sigma = inf
+    is a zero-SNR start, which iPNDM's fixed weights can keep, and rhoAB's data form, a polynomial in
+    kappa = 1/rho = 0 there).
+    """
+    n = len(sigmas) - 1
+    k = static_orders(config, n, begin_index)
+    keeps_inf = config.solver_type == "ipndm" or (config.solver_type == "rhoab" and config.predicts_data)
     for i in range(n):
         for j in range(1, k[i]):
-            at_infinity = not np.isfinite(sigmas[i - j]) and config.solver_type != "ipndm"
+            at_infinity = not np.isfinite(sigmas[i - j]) and not keeps_inf
             if at_infinity or np.any(sigmas[i - j] == sigmas[i - j + 1 : i + 1]):
                 k[i] = j
                 break
@@ -191,47 +201,58 @@ def runge_kutta_weights(step_rhos, order: int, xp: ModuleType = np):
 MULTISTEP_WEIGHTS = {"logrho": logrho_weights, "rhoab": rhoab_weights, "ipndm": ipndm_weights}
 
 
-def build(config: DEISConfig, grid: spacing.Grid, begin_index: int) -> dict[str, np.ndarray]:
-    """Per evaluation e, float64: orders, alpha_t, sigma_t, a, b and lag weights c [E, K].
+def build(config: DEISConfig, grid: spacing.Grid, begin_index: int, xp: ModuleType = np) -> dict:
+    """Per evaluation e: orders (numpy int), alpha_t, sigma_t, a, b and lag weights c [E, K].
 
     x_{e+1} = a_e x_e + b_e x0_e + sum_j c_{e,j} m_{e-j}, with m = eps (noise form) or x0 (data form);
     in the data form kappa = 1 / rho and the scale is sigma: a = sigma_{e+1} / sigma_e, c = sigma_{e+1} *
     integral of ell_j d kappa. Two steps are limits, closed form for every solver: from rho = inf (zero
     terminal SNR), x' = alpha' x0 + sigma' eps (eps = x there); to sigma = 0, x' = x0 (b = 1).
+
+    xp=numpy: a static grid, in float64. xp=jax.numpy: a grid of (possibly traced) jnp arrays, e.g. one
+    being learned under `jax.grad`; its values then decide nothing: the orders are `static_orders` (the
+    sigmas must be finite and distinct), the grid ends at 0 exactly when final_sigmas_type="zero", and
+    solver_type="tab" (host quadrature) raises ValueError.
     """
-    alpha, sigma = schedule.alpha_sigma(config, grid.sigmas, xp=np)
+    traced = xp is not np
+    if traced and config.solver_type == "tab":
+        raise ValueError("solver_type='tab' is invalid for a traced grid: its weights are a host-side quadrature "
+                         "(use 'logrho', 'rhoab', 'ipndm' or 'rhork').")
+    alpha, sigma = schedule.alpha_sigma(config, grid.sigmas, xp=xp)
     rhos = schedule.rho_from_sigma(config, grid.step_sigmas)
-    to_zero = bool(rhos[-1] == 0)
+    to_zero = config.final_sigmas_type == "zero" if traced else bool(rhos[-1] == 0)
     kappa = schedule.integration_variable(config, rhos[: len(rhos) - to_zero])  # the steps of the integral
     if len(kappa) == 1:  # a single step, to sigma = 0
-        orders, integrals = np.ones(1, np.int64), np.zeros((0, config.solver_order))
+        orders, integrals = np.ones(1, np.int64), xp.zeros((0, config.solver_order))
     elif config.solver_type == "rhork":
         orders = np.full(len(grid.timesteps), config.solver_order)
-        integrals = runge_kutta_weights(kappa, config.solver_order)
+        integrals = runge_kutta_weights(kappa, config.solver_order, xp)
     else:
-        orders = effective_orders(config, grid.sigmas, begin_index)
+        orders = (static_orders(config, len(grid.timesteps), begin_index) if traced
+                  else effective_orders(config, np.asarray(grid.sigmas), begin_index))
         if config.solver_type == "tab":
             integrals = tab_weights(config, kappa, orders[: len(kappa) - 1])
         else:
             with np.errstate(invalid="ignore", divide="ignore"):  # a node at rho = inf (zero SNR): replaced below
-                integrals = MULTISTEP_WEIGHTS[config.solver_type](kappa, orders[: len(kappa) - 1], config.solver_order)
+                integrals = MULTISTEP_WEIGHTS[config.solver_type](kappa, orders[: len(kappa) - 1], config.solver_order,
+                                                                  xp)
     if to_zero:
         orders[-1] = 1
-        integrals = np.vstack([integrals, np.zeros_like(integrals[:1])])
+        integrals = xp.concatenate([integrals, xp.zeros((1, config.solver_order), integrals.dtype)])
     scale = sigma if config.predicts_data else alpha
-    from_inf = np.isinf(grid.sigmas[:-1])
+    from_inf = xp.isinf(grid.sigmas[:-1])
     last = np.arange(len(orders)) == len(orders) - 1
     ends = to_zero & last
     first_lag = np.arange(integrals.shape[1]) == 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        a = np.where(ends, 0.0, scale[1:] / scale[:-1])
+        a = xp.where(ends, 0.0, scale[1:] / scale[:-1])
         c = alpha[1:, None] * integrals if not config.predicts_data else sigma[1:, None] * integrals
     if config.predicts_data:  # from rho = inf: a = sigma' (eps = x), the x0 weight alpha'
-        c = np.where(from_inf[:, None], first_lag * alpha[1:, None], c)
-        b = np.where(ends, 1.0, 0.0)
+        c = xp.where(from_inf[:, None], first_lag * alpha[1:, None], c)
+        b = xp.where(ends, 1.0, 0.0)
     else:  # from rho = inf: a = 0, x0 weight alpha', eps weight sigma'
-        a = np.where(from_inf, 0.0, a)
-        c = np.where(from_inf[:, None], first_lag * sigma[1:, None], c)
-        b = np.where(from_inf | ends, alpha[1:], 0.0)
-    c = np.where(ends[:, None], 0.0, c)
+        a = xp.where(from_inf, 0.0, a)
+        c = xp.where(from_inf[:, None], first_lag * sigma[1:, None], c)
+        b = xp.where(from_inf | ends, alpha[1:], 0.0)
+    c = xp.where(ends[:, None], 0.0, c)
     return dict(orders=orders, alpha_t=alpha[:-1], sigma_t=sigma[:-1], a=a, b=b, c=c)

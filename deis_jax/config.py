@@ -218,7 +218,9 @@ class DEISConfig:
         _check_choice("ve_time_input", self.ve_time_input, VE_TIME_INPUTS)
         if self.time_schedule == "ve":
             self._check_ve()
-        elif self.time_schedule != "discrete":
+        else:
+            self._check_defaults(("sigma_min", "sigma_max", "ve_time_input"), "is only used with time_schedule='ve'")
+        if self.time_schedule in DEFAULT_T_MAX:  # VP
             t_max_limit = DEFAULT_T_MAX[self.time_schedule]
             if self.t_max is None:
                 set_("t_max", t_max_limit)
@@ -255,6 +257,8 @@ class DEISConfig:
         if self.t_max is not None:
             _fail("t_max", self.t_max, "is only used with a VP time_schedule; a 've' schedule runs on "
                   "[sigma_min, sigma_max]; leave it None")
+        self._check_defaults(("t_min", "continuous_beta_min", "continuous_beta_max"),
+                             "is only used with a VP time_schedule; a 've' schedule runs on [sigma_min, sigma_max]")
         if self.use_flow_sigmas or self.trained_betas is not None:
             _fail("time_schedule", "ve", "cannot be combined with use_flow_sigmas or trained_betas")
         if self.prediction_type not in ("epsilon", "sample"):
@@ -264,8 +268,13 @@ class DEISConfig:
             _fail("timestep_spacing", self.timestep_spacing, "is not used by time_schedule='ve', whose grids are "
                   "sigma grids (use_karras_sigmas, the default there, use_exponential_sigmas, use_beta_sigmas, "
                   "or sigmas=); leave it 'linspace'")
-        if not (self.use_exponential_sigmas or self.use_beta_sigmas):
-            object.__setattr__(self, "use_karras_sigmas", True)
+
+    def _check_defaults(self, names: tuple[str, ...], why: str) -> None:
+        """ValueError for a field of another schedule set away from its default (it would be ignored)."""
+        for name in names:
+            default = type(self).__dataclass_fields__[name].default
+            if getattr(self, name) != default:
+                _fail(name, getattr(self, name), f"{why}; leave it at its default {default!r}")
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike) -> DEISConfig:
@@ -309,8 +318,13 @@ class DEISConfig:
 
     @property
     def uses_sigma_grid(self) -> bool:
-        """Steps placed by a sigma schedule (Karras, exponential or beta) rather than a spacing."""
-        return self.use_karras_sigmas or self.use_exponential_sigmas or self.use_beta_sigmas
+        """Steps placed by a sigma schedule (Karras, exponential or beta) rather than a spacing (always for VE)."""
+        return self.use_karras_sigmas or self.use_exponential_sigmas or self.use_beta_sigmas or self.is_ve
+
+    @property
+    def uses_karras_sigmas(self) -> bool:
+        """The Karras grid: `use_karras_sigmas`, or a VE schedule without another sigma schedule (EDM's default)."""
+        return self.use_karras_sigmas or (self.is_ve and not (self.use_exponential_sigmas or self.use_beta_sigmas))
 
     @property
     def predicts_data(self) -> bool:

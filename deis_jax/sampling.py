@@ -84,6 +84,7 @@ def run_loop(
     progress: bool = False,
     check_finite: bool = False,
     remat: bool = False,
+    unroll: int | bool = 1,
 ) -> jax.Array:
     """Run the steps of a fresh `state` on x as one lax.scan: steps `state.begin_index`..N-1
     (`set_timesteps(..., begin_index=)` or `set_begin_index` decide where the solve starts).
@@ -92,6 +93,8 @@ def run_loop(
     check_finite: raise `NonFiniteError` naming the first non-finite step (a checkify check after the
                   loop: under jit, wrap the call in `jax.experimental.checkify.checkify`).
     remat: `jax.checkpoint` the step, so reverse-mode memory does not hold every step's activations.
+    unroll: `lax.scan`'s unroll; True unrolls every step (longer compiles; on CPU, XLA runs a convolutional
+            model's gradient inside a loop several times slower than unrolled).
     """
     _check_fresh(state)
     timesteps = state.timesteps[state.begin_index:]
@@ -114,7 +117,7 @@ def run_loop(
     # A scan carry keeps its type: give the history the sample's sharding before the loop.
     state = with_sample_sharding(state, x)
     bad = jnp.full((2,), -1, jnp.int32)
-    (x, _, bad), _ = jax.lax.scan(body, (x, state, bad), timesteps)
+    (x, _, bad), _ = jax.lax.scan(body, (x, state, bad), timesteps, unroll=unroll)
     if check_finite:
         _check_finite(bad, state.timesteps)
     return x
@@ -134,7 +137,8 @@ def sample_from_noise(
     check_finite: bool = False,
     remat: bool = False,
 ) -> jax.Array:
-    """Solve the probability-flow ODE from `noise` (x_T) with DEIS; returns x_0 in `noise.dtype`.
+    """Solve the probability-flow ODE from x_T = `state.init_noise_sigma` * `noise` (1, or sigma_0 for VE) with DEIS;
+    returns x_0 in `noise.dtype`.
 
     `model_fn(x, t)` gets the sample and the timestep (a scalar array) and returns the model
     output. The loop is one `lax.scan`, so its body is traced once. With `begin_index` the
@@ -145,7 +149,8 @@ def sample_from_noise(
     noise = jnp.asarray(noise)
     state = set_timesteps(config, _step_count(num_inference_steps, sigmas, timesteps), noise.shape, mu,
                           dtype=noise.dtype, begin_index=begin_index, sigmas=sigmas, timesteps=timesteps)
-    x = noise * state.init_noise_sigma if begin_index == 0 else noise  # a later start: the sample itself
+    # x_T = init_noise_sigma noise, in the noise's dtype; a later start (begin_index > 0) is the sample itself.
+    x = (noise * state.init_noise_sigma).astype(noise.dtype) if begin_index == 0 else noise
     return run_loop(model_fn, x, state, progress=progress,
                     check_finite=check_finite, remat=remat)
 

@@ -161,16 +161,16 @@ def continuous_rho(config: DEISConfig, t, xp=np):
     return xp.sqrt((f0 / xp.cos((t + _COSINE_S) / (1 + _COSINE_S) * math.pi / 2)) ** 2 - 1.0)
 
 
-def continuous_t(config: DEISConfig, rho: np.ndarray) -> np.ndarray:
-    """The inverse of `continuous_rho` (float64, numpy)."""
+def continuous_t(config: DEISConfig, rho, xp=np):
+    """The inverse of `continuous_rho` (numpy float64, or jax.numpy)."""
     if config.is_ve:
-        return np.log(rho) / 4.0 if config.ve_time_input == "c_noise" else rho
-    log1p_rho2 = np.log1p(rho**2)  # = -2 log alpha_t
+        return xp.log(rho) / 4.0 if config.ve_time_input == "c_noise" else rho
+    log1p_rho2 = xp.log1p(rho**2)  # = -2 log alpha_t
     if config.time_schedule == "vp_linear":
         b0, b1 = config.continuous_beta_min, config.continuous_beta_max
-        return 2 * log1p_rho2 / (b0 + np.sqrt(b0**2 + 2 * (b1 - b0) * log1p_rho2))
+        return 2 * log1p_rho2 / (b0 + xp.sqrt(b0**2 + 2 * (b1 - b0) * log1p_rho2))
     f0 = math.cos(_COSINE_S / (1 + _COSINE_S) * math.pi / 2)
-    return (1 + _COSINE_S) * 2 / math.pi * np.arccos(f0 * np.exp(-0.5 * log1p_rho2)) - _COSINE_S
+    return (1 + _COSINE_S) * 2 / math.pi * xp.arccos(f0 * xp.exp(-0.5 * log1p_rho2)) - _COSINE_S
 
 
 def time_range(config: DEISConfig) -> tuple[float, float]:

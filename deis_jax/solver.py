@@ -130,14 +130,11 @@ def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
     return value
 
 
-@functools.lru_cache(maxsize=64)
-def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str,
-            grid_sigmas: tuple[float, ...] | None):
-    """Schedule and weights for (config, N, mu, begin_index, custom grid): computed once in float64 on the
-    host, cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
-    one transformation is never reused inside another)."""
-    grid = spacing.grid(config, num_inference_steps, mu, grid_sigmas)
-    t = coefficients.build(config, grid, begin_index)
+def state_tables(config: DEISConfig, grid: spacing.Grid, begin_index: int, dtype: str, xp=np) -> dict:
+    """The data fields of a `DEISState` but for the step index and history: `coefficients.build` on `grid`, the
+    weights in the ring's slot layout, cast to `dtype` (int32 for integer timesteps and the orders). numpy for a
+    static grid; jax.numpy for a traced one (see `coefficients.build`)."""
+    t = coefficients.build(config, grid, begin_index, xp)
     n, order = t["c"].shape
     # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
     lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
@@ -146,9 +143,18 @@ def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begi
         timesteps=grid.timesteps.astype(time_dtype),
         sigmas=grid.sigmas.astype(dtype),
         orders=t["orders"].astype(np.int32),
-        weights=np.take_along_axis(t["c"], lag, axis=1).astype(dtype),
+        weights=xp.take_along_axis(t["c"], lag, axis=1).astype(dtype),
         **{k: t[k].astype(dtype) for k in ("alpha_t", "sigma_t", "a", "b")},
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str,
+            grid_sigmas: tuple[float, ...] | None):
+    """Schedule and weights for (config, N, mu, begin_index, custom grid): computed once in float64 on the
+    host, cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
+    one transformation is never reused inside another)."""
+    return state_tables(config, spacing.grid(config, num_inference_steps, mu, grid_sigmas), begin_index, dtype)
 
 
 def _check_begin_index(config: DEISConfig, evaluations: int, begin_index: int) -> None:
@@ -166,19 +172,30 @@ def _compute_dtype(dtype) -> jnp.dtype:
 
 def custom_grid(config: DEISConfig, num_inference_steps: int | None, sigmas=None, timesteps=None):
     """(N, grid_sigmas): the step count and the validated custom grid of `sigmas=` or `timesteps=`
-    (`spacing.check_sigmas`, `spacing.sigmas_from_timesteps`), or (num_inference_steps, None) without one."""
+    (`spacing.check_sigmas`, `spacing.sigmas_from_timesteps`, at most `spacing.max_custom_steps`), or
+    (num_inference_steps, None) without one."""
     if sigmas is None and timesteps is None:
         return num_inference_steps, None
     if sigmas is not None and timesteps is not None:
         raise ValueError("sigmas= and timesteps= are invalid together: pass one custom grid.")
-    if num_inference_steps is not None:
-        num_inference_steps = _check_steps(config, num_inference_steps)
+    name, value = ("sigmas", sigmas) if timesteps is None else ("timesteps", timesteps)
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{name}={value!r} is invalid: a custom grid must be concrete (a list, numpy array or "
+                         "concrete jax array; it shapes the static tables), not traced by jit, vmap or grad.")
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
+            num_inference_steps, (int, np.integer)) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid with a custom grid: must be "
+                         "None or its step count N (an int >= 1).")
     if config.use_dynamic_shifting:
         raise ValueError("sigmas= / timesteps= are invalid with DEISConfig(use_dynamic_shifting=True): a custom "
                          "grid is already shifted; turn dynamic shifting off.")
     grid_sigmas = (spacing.check_sigmas(config, sigmas, num_inference_steps) if timesteps is None
                    else spacing.sigmas_from_timesteps(config, timesteps, num_inference_steps))
-    return len(grid_sigmas) - 1, grid_sigmas
+    n, limit = len(grid_sigmas) - 1, spacing.max_custom_steps(config, grid_sigmas[-1] == 0)
+    if n > limit:
+        raise ValueError(f"{name} has {n} steps: at most {limit} fit on this schedule (num_train_timesteps="
+                         f"{config.num_train_timesteps}, solver_type={config.solver_type!r}).")
+    return n, grid_sigmas
 
 
 def set_timesteps(
@@ -204,8 +221,9 @@ def set_timesteps(
     if not isinstance(config, DEISConfig):
         raise ValueError(f"config={config!r} is invalid: must be a DEISConfig.")
     shape = check_shape(shape)
-    num_inference_steps, grid_sigmas = custom_grid(config, num_inference_steps, sigmas, timesteps)
-    n = _check_steps(config, num_inference_steps)
+    n, grid_sigmas = custom_grid(config, num_inference_steps, sigmas, timesteps)
+    if grid_sigmas is None:
+        n = _check_steps(config, n)
     mu = _check_mu(config, mu)
     cdtype = _compute_dtype(dtype)
     if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)):

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.special
 
 from deis_jax import schedule
 from deis_jax.config import RUNGE_KUTTA, DEISConfig
+
+if TYPE_CHECKING:
+    import jax
 
 KARRAS_RHO = 7.0  # Karras et al. (2022): sigmas uniform in sigma^(1/7)
 SIGMA_FLOOR = 1e-10  # diffusers' floor before taking log sigma (`_sigma_to_t`)
@@ -53,6 +57,18 @@ def max_inference_steps(config: DEISConfig) -> int:
         fits = steps[_leading_top(config, steps) <= n - 1]
         return int(fits.max()) if fits.size else 0
     return n if config.timestep_spacing == "trailing" else n - 1
+
+
+def max_custom_steps(config: DEISConfig, ends_at_zero: bool) -> int:
+    """The most steps a custom grid may have, whatever the config's timestep_spacing: as many as there are
+    training timesteps where the grid's sigmas are kept (logrho and flow: the model may get a timestep twice,
+    as with diffusers' sigma grids); one fewer where a discrete grid is rounded to distinct training
+    timesteps (the other solvers), which takes one more timestep for where the solve ends, unless it ends
+    at 0; `max_inference_steps` for continuous schedules."""
+    if config.is_continuous:
+        return max_inference_steps(config)
+    n = config.num_train_timesteps
+    return n if config.use_flow_sigmas or config.solver_type == "logrho" or ends_at_zero else n - 1
 
 
 def check_flow_shift(config: DEISConfig, shift: float, name: str, value) -> None:
@@ -103,19 +119,22 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
     return np.arange(n_train, 0, -stride)[:n].round().astype(np.int64) - 1
 
 
-def sigma_to_t(sigma: np.ndarray, log_train_rhos: np.ndarray) -> np.ndarray:
-    """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped."""
-    log_sigma = np.log(np.maximum(sigma, SIGMA_FLOOR))
-    low = np.clip(np.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
+def sigma_to_t(sigma, log_train_rhos: np.ndarray, xp=np):
+    """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped
+    (sigma = inf, a zero-terminal-SNR start, is the last timestep); numpy, or jax.numpy for a traced sigma."""
+    log_train_rhos = xp.asarray(log_train_rhos)
+    log_sigma = xp.log(xp.maximum(sigma, SIGMA_FLOOR))
+    low = xp.clip(xp.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
     lo, hi = log_train_rhos[low], log_train_rhos[low + 1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.where(lo == hi, 0.0, np.clip((lo - log_sigma) / (lo - hi), 0, 1))  # flat: any of its t; the lower
+        w = xp.where(lo == hi, 0.0, xp.clip((lo - log_sigma) / (lo - hi), 0, 1))  # flat: any of its t; the lower
+    w = xp.where(xp.isposinf(log_sigma), 1.0, w)  # inf / inf next to a node at infinity
     return (1 - w) * low + w * (low + 1)
 
 
 def _sigma_schedule(config: DEISConfig, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     ramp = np.linspace(0, 1, n)
-    if config.use_karras_sigmas:
+    if config.uses_karras_sigmas:
         inv_min, inv_max = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
         return (inv_max + ramp * (inv_min - inv_max)) ** KARRAS_RHO
     if config.use_exponential_sigmas:
@@ -137,27 +156,34 @@ def _strictly_decreasing(t: np.ndarray, top: int) -> np.ndarray:
     return t
 
 
-def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray):
+def _consistent_discrete_grid(t_grid: np.ndarray, rhos: np.ndarray, to_zero: bool = False):
     """N + 1 rounded, strictly decreasing timesteps ending at 0 and their exact training rhos.
 
     The model is evaluated at the first N; each sigma is the noise level the model is trained
-    for at its timestep.
+    for at its timestep. With `to_zero`, t_grid holds only the N evaluations, and the grid ends
+    at sigma = 0, which is no training timestep.
     """
     t = _strictly_decreasing(np.round(t_grid).astype(np.int64), len(rhos) - 1)
+    if to_zero:
+        return t, np.append(rhos[t].astype(np.float64), 0.0)
     return t[:-1], rhos[t].astype(np.float64)
 
 
 def _continuous_grid(config: DEISConfig, n: int):
-    """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid)."""
+    """N + 1 float times from t_max to t_min (uniform in t, in sqrt(t), or from a rho grid). A sigma grid ending
+    at 0 is EDM's (and diffusers DPM-Solver's): the model at N levels from sigma_max to sigma_min, then 0."""
     t_lo, t_hi = schedule.time_range(config)
+    edm_zero = config.uses_sigma_grid and config.final_sigmas_type == "zero"
     if config.uses_sigma_grid:
         rho_lo, rho_hi = schedule.continuous_rho(config, np.array([t_lo, t_hi]))
-        t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n + 1))
+        t = schedule.continuous_t(config, _sigma_schedule(config, rho_lo, rho_hi, n if edm_zero else n + 1))
     elif config.timestep_spacing == "quadratic":
         t = np.linspace(t_hi**0.5, t_lo**0.5, n + 1) ** 2
     else:  # linspace, leading and trailing only differ in rounding to integers: uniform in t
         t = np.linspace(t_hi, t_lo, n + 1)
-    t[0], t[-1] = t_hi, t_lo  # exactly, whatever the rounding through rho or sqrt(t)
+    t[-1], t[0] = t_lo, t_hi  # exactly, whatever the rounding through rho or sqrt(t) (a single level: t_hi)
+    if edm_zero:
+        return t, np.append(schedule.continuous_rho(config, t), 0.0)
     return t[:-1], schedule.continuous_rho(config, t)
 
 
@@ -191,7 +217,7 @@ def timesteps_and_sigmas(
             return _consistent_discrete_grid(sigma_to_t(s, log_rhos), rhos)
         s = _sigma_schedule(config, rhos[0].item(), rhos[-1].item(), n)
         t = sigma_to_t(s, log_rhos)
-        t = t.round() if config.use_karras_sigmas else t
+        t = t.round() if config.uses_karras_sigmas else t
         return t.astype(np.int64), np.append(s, s[-1]).astype(np.float32).astype(np.float64)
     if config.timestep_spacing == "quadratic":
         top = config.num_train_timesteps - 1
@@ -232,30 +258,38 @@ GRID_END_TOLERANCE = 1e-2  # relative: published grids round the ends (14.615 fo
 def check_sigmas(config: DEISConfig, sigmas, num_inference_steps: int | None) -> tuple[float, ...]:
     """A custom grid: N + 1 noise levels in the `sigmas` convention, strictly decreasing, inside the
     schedule's range (`sigma_range`, ends within a relative 1e-2 moved onto it), the last one may be 0
-    (a final step to the denoised estimate). Returns it as a tuple of floats (a static, hashable key)."""
+    (a final step to the denoised estimate), the first may be inf on a zero-terminal-SNR schedule (as its
+    named grids). Returns it as a tuple of floats (a static, hashable key)."""
     try:
         s = np.array(sigmas, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"sigmas={sigmas!r} is invalid: must be a 1-D array of numbers.") from None
-    want = "N + 1 entries" if num_inference_steps is None else f"num_inference_steps + 1 = {num_inference_steps + 1}"
+    want = "N + 1" if num_inference_steps is None else f"num_inference_steps + 1 = {num_inference_steps + 1}"
     if s.ndim != 1 or s.size < 2 or (num_inference_steps is not None and s.size != num_inference_steps + 1):
         raise ValueError(f"sigmas has shape {s.shape}: it must be 1-D with {want} entries (N steps need N + 1 "
                          "noise levels, the last one where the solve ends).")
+    given = s.tolist()  # the messages show the grid as given
     lo, hi = sigma_range(config)
     last = len(s) - 1 - int(s[-1] == 0)  # the smallest positive entry
-    if not config.use_flow_sigmas and hi < s[0] <= hi * (1 + GRID_END_TOLERANCE):
+    # Only the ends are moved, and only where their neighbour stays strictly inside (no level repeats).
+    if not config.use_flow_sigmas and hi < s[0] <= hi * (1 + GRID_END_TOLERANCE) and s[1] < hi:
         s[0] = hi
-    if not config.use_flow_sigmas and lo * (1 - GRID_END_TOLERANCE) <= s[last] < lo:
+    if not config.use_flow_sigmas and lo * (1 - GRID_END_TOLERANCE) <= s[last] < lo and (
+            last == 0 or s[last - 1] > lo):
         s[last] = lo
-    if not np.isfinite(s).all() or (s < 0).any() or not (np.diff(s) < 0).all():
-        raise ValueError(f"sigmas={s.tolist()} is invalid: must be finite, >= 0 and strictly decreasing.")
-    inside = (lo < s[last] and s[0] < hi) if config.use_flow_sigmas else (lo <= s[last] and s[0] <= hi)
+    finite = np.isfinite(s)
+    finite[0] |= s[0] == np.inf and schedule.zero_terminal_snr(config)
+    if not finite.all() or (s < 0).any() or not (np.diff(s) < 0).all():
+        raise ValueError(f"sigmas={given} is invalid: must be finite (the first may be inf on a "
+                         "zero-terminal-SNR schedule), >= 0 and strictly decreasing.")
+    top = s[1] if s[0] == np.inf else s[0]  # the largest finite level
+    inside = (lo < s[last] and s[0] < hi) if config.use_flow_sigmas else (lo <= s[last] and top <= hi)
     if not inside:
         interval = "(0, 1)" if config.use_flow_sigmas else f"[{lo:.6g}, {hi:.6g}]"
-        raise ValueError(f"sigmas={s.tolist()} is invalid: every entry must lie in the schedule's range "
+        raise ValueError(f"sigmas={given} is invalid: every entry must lie in the schedule's range "
                          f"{interval} (the last may be 0).")
     if config.final_sigmas_type == "zero" and s[-1] != 0:
-        raise ValueError(f"sigmas={s.tolist()} is invalid with DEISConfig.final_sigmas_type='zero': the grid "
+        raise ValueError(f"sigmas={given} is invalid with DEISConfig.final_sigmas_type='zero': the grid "
                          "must end at 0 (or use final_sigmas_type='sigma_min').")
     return tuple(float(v) for v in s)
 
@@ -277,36 +311,57 @@ def sigmas_from_timesteps(config: DEISConfig, timesteps, num_inference_steps: in
             or not (np.diff(t) < 0).all():
         raise ValueError(f"timesteps={timesteps!r} is invalid: must be a 1-D array of num_inference_steps "
                          f"integers, strictly decreasing, in 0..{top}.")
+    t = t.astype(np.int64)
     rhos = schedule.train_rhos(config)
-    end = 0.0 if config.final_sigmas_type == "zero" else float(rhos[0])
-    return check_sigmas(config, np.append(rhos[t.astype(np.int64)], end), None)
+    s = np.append(rhos[t], 0.0 if config.final_sigmas_type == "zero" else rhos[0])
+    same = np.flatnonzero(np.diff(s) >= 0)
+    if same.size:
+        i = int(same[0])
+        why = (f"its last timestep, {t[i]}, has the noise level where the solve ends with final_sigmas_type="
+               f"'sigma_min', rho(t = 0) = {s[i]:.6g} (a zero-length step); drop it or use final_sigmas_type='zero'"
+               if i == t.size - 1 else f"timesteps {t[i]} and {t[i + 1]} have the same noise level {s[i]:.6g}")
+        raise ValueError(f"timesteps={timesteps!r} is invalid: {why}.")
+    return check_sigmas(config, s, None)
 
 
 def custom_timesteps_and_sigmas(config: DEISConfig, sigmas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps [N], sigmas [N + 1]) of a custom grid (`check_sigmas`), by the rule each grid already follows:
     logrho on discrete VP schedules keeps the sigmas and gives the model round(t(sigma)) (as for Karras
     sigmas); the other solvers round to distinct timesteps and take their training sigmas; flow gives
-    int(s N); continuous schedules give t(rho) as a float. A final 0 stays 0."""
+    int(s N); continuous schedules give t(rho) as a float. A final 0 stays 0 (the rounded grid then has N
+    distinct timesteps, all evaluated; else N + 1, the last where the solve ends)."""
     s = np.array(sigmas, dtype=np.float64)
-    ends_at_zero = s[-1] == 0
-    if ends_at_zero:  # placed as if it ended at the smallest level, then set back to 0
-        s[-1] = min(sigma_range(config)[0], s[-2])
-    if config.is_continuous:
-        t = np.clip(schedule.continuous_t(config, s[:-1]), *schedule.time_range(config))
-    elif config.use_flow_sigmas:
-        t = (s[:-1] * config.num_train_timesteps).astype(np.int64)
-    elif config.solver_type == "logrho":
-        t = sigma_to_t(s[:-1], schedule.log_train_rhos(config)).round().astype(np.int64)
+    if keeps_custom_sigmas(config):
+        t = custom_model_times(config, s[:-1])
     else:
-        t, s = _consistent_discrete_grid(sigma_to_t(s, schedule.log_train_rhos(config)), schedule.train_rhos(config))
-    if ends_at_zero:
-        s[-1] = 0.0
+        to_zero = bool(s[-1] == 0)
+        t_grid = sigma_to_t(s[:-1] if to_zero else s, schedule.log_train_rhos(config))
+        t, s = _consistent_discrete_grid(t_grid, schedule.train_rhos(config), to_zero)
     return t, s
+
+
+def keeps_custom_sigmas(config: DEISConfig) -> bool:
+    """Whether a custom grid's sigmas are used as given (continuous, flow, or logrho on a discrete VP schedule);
+    otherwise they are rounded to training timesteps and replaced by those timesteps' sigmas."""
+    return config.is_continuous or config.use_flow_sigmas or config.solver_type == "logrho"
+
+
+def custom_model_times(config: DEISConfig, s, xp=np, whole: bool = True):
+    """The model's times at a kept custom grid's noise levels s > 0 (`keeps_custom_sigmas`): t(rho) clipped to
+    `schedule.time_range` (continuous), floor(s N) (flow), round(t(sigma)) (discrete VP, `sigma_to_t`), as int32; with
+    whole=False, s N and t(sigma) unrounded. numpy, or jax.numpy for a traced grid."""
+    if config.is_continuous:
+        return xp.clip(schedule.continuous_t(config, s, xp), *schedule.time_range(config))
+    if config.use_flow_sigmas:
+        t = s * config.num_train_timesteps
+        return xp.floor(t).astype(np.int32) if whole else t
+    t = sigma_to_t(s, schedule.log_train_rhos(config), xp)
+    return xp.round(t).astype(np.int32) if whole else t
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """Where the model is evaluated.
+    """Where the model is evaluated (numpy; jax.numpy for a traced grid, see `coefficients.build`).
 
     timesteps:   [E] the model's time input at each evaluation.
     sigmas:      [E + 1] float64, diffusers' `sigmas` at each evaluation and at the end.
@@ -315,9 +370,9 @@ class Grid:
                  data-prediction form). A step to sigma = 0 is one evaluation (the denoised estimate).
     """
 
-    timesteps: np.ndarray
-    sigmas: np.ndarray
-    step_sigmas: np.ndarray
+    timesteps: np.ndarray | jax.Array
+    sigmas: np.ndarray | jax.Array
+    step_sigmas: np.ndarray | jax.Array
 
 
 def grid(config: DEISConfig, num_inference_steps: int, mu: float | None = None,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +66,39 @@ def diffusers_trajectory(kwargs: dict, n: int, x0: np.ndarray, mu=None, double=F
     return timesteps, sigmas, np.stack(out)
 
 
+def dpmsolver_trajectory(kwargs: dict, n: int | None, x0: np.ndarray, timesteps=None, sigma_table=None):
+    """(timesteps, sigmas, samples [N, *shape]) of diffusers' DPMSolverMultistepScheduler at solver_order=1.
+
+    Its `step` casts the sample to float32. With `sigma_table` (float64, [N + 1]) the run is float64 on
+    that table instead of its own (float32; equal up to float32 rounding), each step its order-1 `step`
+    written out in diffusers' methods: `convert_model_output`, then `dpm_solver_first_order_update`.
+    """
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    assert kwargs.get("solver_order") == 1, "the float64 path writes out the order-1 step"
+    sched = DPMSolverMultistepScheduler(**kwargs)
+    sched.set_timesteps(n, timesteps=timesteps)
+    out_timesteps, sigmas = sched.timesteps.numpy().copy(), sched.sigmas.numpy().copy()
+    double = sigma_table is not None
+    if double:
+        sched.sigmas = torch.from_numpy(np.array(sigma_table, np.float64))
+    dtype = np.float64 if double else np.float32
+    x = torch.from_numpy(x0.astype(dtype))
+    out = []
+    for t in sched.timesteps:
+        m = torch.from_numpy(toy_model(x.numpy(), float(t), xp=np).astype(dtype))
+        if double:
+            if sched.step_index is None:
+                sched._init_step_index(t)
+            x = sched.dpm_solver_first_order_update(sched.convert_model_output(m, sample=x), sample=x)
+            sched._step_index += 1
+        else:
+            x = sched.step(m, t, x).prev_sample
+        out.append(x.numpy().copy())
+    return out_timesteps, sigmas, np.stack(out)
+
+
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     """max_i |ours_i - ref_i|_inf / |ref_i|_inf over the steps of a trajectory."""
     axes = tuple(range(1, ref.ndim))
@@ -113,3 +149,14 @@ def gaussian_flow(x, alpha_from, sigma_from, alpha_to, sigma_to):
     """Exact probability-flow map for Gaussian data: (x - alpha m) / sqrt(alpha^2 s^2 + sigma^2) is invariant."""
     z = (x - alpha_from * GAUSS_MEAN) / np.sqrt(alpha_from**2 * GAUSS_STD**2 + sigma_from**2)
     return alpha_to * GAUSS_MEAN + z * np.sqrt(alpha_to**2 * GAUSS_STD**2 + sigma_to**2)
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (once; registered in sys.modules, where dataclasses look it up)."""
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

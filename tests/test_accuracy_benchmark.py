@@ -3,10 +3,7 @@ reference is right, DEIS converges, and deis_jax's first-order DEIS is DDIM."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +12,9 @@ import pytest
 
 import deis_jax as dj
 from deis_jax import DEISConfig, schedule
+from helpers import benchmark_module
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "accuracy.py")
-_spec = importlib.util.spec_from_file_location("accuracy_benchmark", _PATH)
-acc = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = acc  # dataclasses look their module up there
-_spec.loader.exec_module(acc)
+acc = benchmark_module("accuracy")
 
 RHOS = schedule.train_rhos(DEISConfig()).astype(np.float64)
 

@@ -196,3 +196,15 @@ def test_weight_formulas_trace_in_jax_numpy(name):
         np.testing.assert_allclose(np.asarray(traced), host, rtol=1e-12, atol=1e-15)
         grad = jax.grad(lambda r: jnp.sum(fn(r, orders, 3, xp=jnp) ** 2))(jnp.asarray(rho))
         assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
+
+
+@pytest.mark.parametrize("algorithm_type", ["deis", "data_prediction"])
+def test_single_step_to_zero_is_the_denoised_estimate(algorithm_type):
+    """N = 1 with final_sigmas_type="zero": one step from rho(t = 999) straight to x0 = (x - sigma eps) / alpha."""
+    config = dj.DEISConfig(final_sigmas_type="zero", algorithm_type=algorithm_type)
+    x, eps = np.array([0.3, -1.2, 2.0]), np.array([0.5, 0.1, -0.7])
+    rho = np.float64(schedule.train_rhos(config)[-1])
+    alpha = 1 / np.sqrt(1 + rho**2)
+    out = dj.sample_from_noise(lambda x, t: jnp.asarray(eps, x.dtype), jnp.asarray(x, jnp.float32), config=config,
+                               num_inference_steps=1)
+    np.testing.assert_allclose(out, (x - rho * alpha * eps) / alpha, rtol=1e-5)

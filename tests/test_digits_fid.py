@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
 
@@ -15,18 +11,14 @@ pytest.importorskip("sklearn")
 from deis_jax import DEISConfig  # noqa: E402
 from deis_jax.models.classifier import FEATURE_DIM, load_digits_classifier  # noqa: E402
 from deis_jax.models.unet import load_digits_unet  # noqa: E402
+from helpers import benchmark_module  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 200
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("digits_fid", os.path.join(ROOT, "benchmarks", "digits_fid.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("digits_fid")
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,8 @@ SCHEDULE_ROWS = {  # README row label -> config fields
     "discrete (betas, `trained_betas`)": {}, "discrete": {"beta_schedule": "squaredcos_cap_v2"},
     "flow (`use_flow_sigmas`)": {"use_flow_sigmas": True}, "flow": {"use_flow_sigmas": True, "flow_shift": 3.0},
     "continuous (`vp_linear`, `vp_cosine`)": {"time_schedule": "vp_linear"},
+    "variance exploding (`ve`)": {"time_schedule": "ve"},
+    "variance exploding, `ve_time_input=\"c_noise\"`": {"time_schedule": "ve", "ve_time_input": "c_noise"},
 }
 
 
@@ -138,8 +140,9 @@ def test_readme_says_what_the_model_receives(schedule_name, solver_types, what):
         dj.run_loop(lambda x, t, seen=seen: (seen.append(t), 0.1 * x)[1], jnp.ones((2,)), state)
         assert seen[0].shape == () and seen[0].dtype == jnp.dtype(what.split(":")[0]), (solver_type, seen[0])
         t = np.asarray(state.timesteps, np.float64)
-        if config.is_continuous:
-            assert config.t_min <= t.min() and t.max() <= config.t_max
+        if config.is_continuous:  # [t_min, t_max], or the times of [sigma_min, sigma_max] (VE), in float32
+            t_lo, t_hi = np.asarray(schedule.time_range(config), state.timesteps.dtype)
+            assert t_lo <= t.min() and t.max() <= t_hi
         elif config.use_flow_sigmas:  # s * N with s in (0, 1]
             assert 0 < t.min() and t.max() <= config.num_train_timesteps
         else:

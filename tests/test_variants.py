@@ -26,14 +26,18 @@ def exact_gaussian_model(config):
     return model_fn
 
 
-def gaussian_error(config, n):
-    """max |x - x_exact| / max |x_exact| after n steps (float64), x_exact from the closed-form flow."""
+def gaussian_error(config, n, model_fn=None):
+    """max |x - x_exact| / max |x_exact| after n steps (float64), x_exact from the closed-form flow, the model
+    `exact_gaussian_model` unless given. VP: x_T = noise, alpha = 1 / sqrt(1 + rho^2); VE (x = x0 + sigma eps):
+    x_T = sigma_0 noise, alpha = 1."""
+    model_fn = exact_gaussian_model(config) if model_fn is None else model_fn
     with jax.enable_x64(True):
         noise = jnp.asarray(np.random.RandomState(0).randn(32))
-        out = dj.sample_from_noise(exact_gaussian_model(config), noise, config=config, num_inference_steps=n)
+        out = dj.sample_from_noise(model_fn, noise, config=config, num_inference_steps=n)
         s = np.asarray(dj.set_timesteps(config, n, (32,), dtype=jnp.float64).sigmas)
-    alpha = 1 / np.sqrt(1 + s**2)
-    exact = gaussian_flow(np.asarray(noise), alpha[0], s[0] * alpha[0], alpha[-1], s[-1] * alpha[-1])
+    alpha = np.ones_like(s) if config.is_ve else 1 / np.sqrt(1 + s**2)
+    x_T = np.asarray(noise) * (s[0] if config.is_ve else 1.0)
+    exact = gaussian_flow(x_T, alpha[0], s[0] * alpha[0], alpha[-1], s[-1] * alpha[-1])
     return np.abs(np.asarray(out) - exact).max() / np.abs(exact).max()
 
 
