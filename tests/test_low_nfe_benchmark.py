@@ -3,10 +3,7 @@ bootstrap are checked against independent computations, and a tiny run writes it
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,15 +11,12 @@ import pytest
 
 import deis_jax as dj
 from deis_jax import DEISConfig, schedule
+from helpers import benchmark_module
 
 pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "low_nfe.py")
-_spec = importlib.util.spec_from_file_location("low_nfe_benchmark", _PATH)
-low = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = low  # dataclasses look their module up there
-_spec.loader.exec_module(low)
+low = benchmark_module("low_nfe")
 acc, dfid = low.acc, low.dfid
 
 
@@ -154,17 +148,18 @@ def test_measure_bootstrap_and_nonfinite(models):
     assert cell["fid"] == pytest.approx(dfid.fid(feats, embed(real)[0]), rel=1e-9)
     assert cell["nonfinite"] == 0 and cell["rms"] == 0.0 and len(cell["boot"]) == 30
     assert 0 < cell["fid_sd"] < cell["fid"]
-    assert low.paired(cell, cell) == (0.0, 0.0)  # same resampling indices: a paired difference of zero
+    assert low.compare(cell, cell) == dict(diff=0.0, spread=cell["fid_sd"], paired_sd=0.0)  # same indices
     images[:3, 0, 0, 0] = np.nan
     bad = low.measure(images, embed, real_stats, bootstrap=5)
     assert bad["nonfinite"] == 3 and math.isfinite(bad["fid"])
-    assert math.isnan(low.paired(bad, cell)[1])  # not resampled alike: no paired spread
+    assert math.isnan(low.compare(bad, cell)["paired_sd"])  # not resampled alike: no paired spread
 
 
 def test_verdict():
-    assert low.verdict(-0.1, 0.5) == "met"
-    assert low.verdict(0.3, 0.5).startswith("met within spread")
-    assert low.verdict(1.5, 0.5) == "MISSED by 1.50 (3.0 paired sd)"
+    assert low.verdict(dict(diff=-0.1, spread=0.5, paired_sd=0.1)) == "met"
+    assert low.verdict(dict(diff=0.3, spread=0.5, paired_sd=0.1)) == (
+        "met within spread (+0.30; FID sd 0.50, paired sd 0.10)")
+    assert low.verdict(dict(diff=1.5, spread=0.5, paired_sd=0.1)) == "MISSED by 1.50 (FID sd 0.50, paired sd 0.10)"
 
 
 def test_tiny_run_writes_tables_and_plot(tmp_path):
