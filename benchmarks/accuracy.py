@@ -136,11 +136,14 @@ def model_jax(mix: Mixture, config: DEISConfig = BASE, log_table64: bool = False
 
 
 class Problem:
-    """A mixture, one batch of x_T and a cache of exact solutions keyed by (rho_start, rho_end, rtol, atol)."""
+    """A mixture, one batch of x_T and a cache of exact solutions keyed by (rho_start, rho_end, rtol, atol).
 
-    def __init__(self, components=12, dim=12, seed=0, batch=128):
+    The mixture comes from `seed`, x_T from `noise_seed` (default seed + 1): problems with the same mixture and
+    different noise give a training and a held-out batch."""
+
+    def __init__(self, components=12, dim=12, seed=0, batch=128, noise_seed=None):
         self.mix = make_mixture(components, dim, seed)
-        self.x_T = np.random.default_rng(seed + 1).standard_normal((batch, dim))
+        self.x_T = np.random.default_rng(seed + 1 if noise_seed is None else noise_seed).standard_normal((batch, dim))
         self._exact: dict = {}
         self._models: dict = {}
         self.model_jax = self.model_for(BASE)
@@ -234,19 +237,27 @@ def diffusers_contenders(quick: bool) -> list[Contender]:
     return [Contender(f, n, tuple(sorted(kw.items()))) for f, n, kw in spec]
 
 
-def run_deis_jax(problem: Problem, config: DEISConfig, nfe: int, model=None):
-    """(x_0, sigmas, real NFE) of deis_jax in float64; rhoRK gets nfe // order steps.
+def steps_for_nfe(config: DEISConfig, nfe: int) -> int:
+    """The most solver steps within nfe model evaluations: nfe, except for rhoRK (order S evaluations a step):
+    nfe // S, or (nfe - 1) // S + 1 with final_sigmas_type="zero" (its step to sigma 0 is one evaluation)."""
+    s = config.evaluations_per_step
+    return (nfe - 1) // s + 1 if s > 1 and config.final_sigmas_type == "zero" else nfe // s
+
+
+def run_deis_jax(problem: Problem, config: DEISConfig, nfe: int, model=None, sigmas=None):
+    """(x_0, sigmas, real NFE) of deis_jax in float64; rhoRK gets `steps_for_nfe` steps. `sigmas`: a custom
+    grid (its length then sets the step count and nfe is ignored).
 
     The loop is diffusers-style, `dj.step` called eagerly with a jitted model: the same arithmetic as
     `dj.sample_from_noise` (the test checks it), without compiling a scan for each of ~500 runs.
     """
-    steps = nfe // config.solver_order if config.solver_type == "rhork" else nfe
-    if steps < 1:
+    steps = None if sigmas is not None else steps_for_nfe(config, nfe)
+    if steps is not None and steps < 1:
         return None
     model = problem.model_jax if model is None else model
     with jax.enable_x64(True):
         x = jnp.asarray(problem.x_T, jnp.float64)
-        state = dj.set_timesteps(config, steps, x.shape, dtype=jnp.float64)
+        state = dj.set_timesteps(config, steps, x.shape, dtype=jnp.float64, sigmas=sigmas)
         sigmas, timesteps = np.asarray(state.sigmas), state.timesteps
         for t in timesteps:
             x, state = dj.step(state, model(x, t), t, x)

@@ -205,14 +205,19 @@ def make_generator(model, sampler: Sampler, nfe: int) -> Callable[[np.ndarray], 
     return run_diffusers
 
 
+def batched(gen: Callable[..., np.ndarray], batch_size: int, *arrays: np.ndarray) -> np.ndarray:
+    """gen(*batch) over the arrays (equal first axes) batch by batch, the last batch zero-padded; concatenated."""
+    n = len(arrays[0])
+    pad = (-n) % batch_size
+    if pad:
+        arrays = tuple(np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays)
+    out = [gen(*(a[i:i + batch_size] for a in arrays)) for i in range(0, n + pad, batch_size)]
+    return np.concatenate(out)[:n]
+
+
 def generate(model, sampler: Sampler, nfe: int, noise: np.ndarray, batch_size: int) -> np.ndarray:
     """All samples for one (sampler, NFE), batch by batch from the shared noise (last batch zero-padded)."""
-    gen = make_generator(model, sampler, nfe)
-    n = len(noise)
-    pad = (-n) % batch_size
-    noise = np.concatenate([noise, np.zeros((pad, *SHAPE), noise.dtype)]) if pad else noise
-    out = [gen(noise[i:i + batch_size]) for i in range(0, len(noise), batch_size)]
-    return np.concatenate(out)[:n]
+    return batched(make_generator(model, sampler, nfe), batch_size, noise)
 
 
 @dataclasses.dataclass
