@@ -51,6 +51,9 @@ import deis_jax
 def model_fn(x, t):                                  # a smooth stand-in for a noise-prediction network
     return jnp.tanh(x) * (0.5 + t / 1000)
 
+def denoiser(x, sigma):                              # the Gaussian N(0, I) data's exact denoiser D(x, sigma)
+    return x / (1 + sigma**2)
+
 class MyUNet(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(3, 3, kernel_size=(3, 3), rngs=rngs)
