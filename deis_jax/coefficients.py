@@ -246,7 +246,7 @@ def build(config: DEISConfig, grid: spacing.Grid, begin_index: int, xp: ModuleTy
     first_lag = np.arange(integrals.shape[1]) == 0
     with np.errstate(invalid="ignore", divide="ignore"):
         a = xp.where(ends, 0.0, scale[1:] / scale[:-1])
-        c = alpha[1:, None] * integrals if not config.predicts_data else sigma[1:, None] * integrals
+        c = scale[1:, None] * integrals
     if config.predicts_data:  # from rho = inf: a = sigma' (eps = x), the x0 weight alpha'
         c = xp.where(from_inf[:, None], first_lag * alpha[1:, None], c)
         b = xp.where(ends, 1.0, 0.0)
