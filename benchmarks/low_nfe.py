@@ -459,7 +459,7 @@ def learn_part(args, selection: list[dict], previous: dict | None, log=print) ->
         log(f"learn: {best.name} NFE {n} trained in {grid['seconds']:.0f}s: "
             + " ".join(f"{s:.4g}" for s in grid["sigmas"]), flush=True)
     return dict(available=True, row=best.to_json(), grids=dict(sorted(grids.items(), key=lambda e: int(e[0]))),
-                seed=args.digits_train_seed)
+                seed=args.digits_train_seed, merged=bool(same))
 
 
 def row_group(row: Row) -> str:
@@ -561,7 +561,7 @@ def digits_part(args, selection: list[dict], learned: dict | None, previous: dic
             f"  ({cell['seconds']:.0f}s)", flush=True)
     order = ("diffusers", "eps", "data", "learned", "counterpart")
     out = dict(sorted(out.items(), key=lambda e: order.index(row_group(Row.from_json(e[1]["row"])))))
-    return dict(setup, refs=refs, rows=out)
+    return dict(setup, refs=refs, rows=out, merged=bool(keep))
 
 
 def pixel_judge(real, labels):
@@ -828,8 +828,8 @@ def markdown(store: dict) -> str:
              "| part | command | date | wall time |", "|---|---|---|---:|"]
     for part in PARTS:
         if part in meta.get("parts", {}):
-            m = meta["parts"][part]
-            lines.append(f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |")
+            for m in meta["parts"][part]:
+                lines.append(f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |")
     lines += [""] + targets_markdown(store)
     if "mixture" in store:
         lines += [""] + mixture_markdown(store["mixture"])
@@ -902,7 +902,8 @@ PARTS = ("mixture", "select", "learn", "digits", "guided")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test); no files unless asked")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS),
+                   help="parts to run (default all; none: only rewrite the tables and plot from --out-json)")
     p.add_argument("--nfe", type=int, nargs="+", default=None, help=f"default {' '.join(map(str, NFES))}")
     p.add_argument("--components", type=int, default=12)
     p.add_argument("--dim", type=int, default=12)
@@ -1008,8 +1009,10 @@ def main(argv=None) -> dict:
             store["learn"] = learn_part(args, store["select"]["selection"], store.get("learn"))
         else:
             store["digits"] = digits_part(args, store["select"]["selection"], store.get("learn"), store.get("digits"))
-        meta["parts"][part] = dict(command=command, wall=time.perf_counter() - t0,
-                                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        run = dict(command=command, wall=time.perf_counter() - t0,
+                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        # the runs that made the stored result: this one, after those it merged into (learn, digits)
+        meta["parts"][part] = (meta["parts"].get(part, []) if store[part].get("merged") else []) + [run]
         if args.out_json:
             with open(args.out_json, "w") as f:
                 json.dump(store, f, indent=1, allow_nan=True)
