@@ -45,6 +45,9 @@ written from everything the JSON holds.
   balanced, as the real digits are), overshoot and the number of non-finite samples (metrics use the
   finite ones).
 
+The digits part also shows deis_jax configured as DPM-Solver++ (`counterpart_rows`: data-prediction logrho of
+orders 2 and 3 on linspace and Karras), left out of the targets.
+
 diffusers contenders (`diffusers_rows`): DPMSolverMultistepScheduler (dpmsolver++, orders 2 and 3,
 final_sigmas_type="zero", default linspace and Karras grids), UniPCMultistepScheduler (bh2, orders 2 and 3,
 its defaults: linspace, final step to 0) and DDIMScheduler (leading = its default, and trailing spacing;
@@ -173,6 +176,23 @@ def diffusers_rows(quick: bool = False) -> list[Row]:
         rows.append(Row("diffusers DDIM", f"DDIM {spacing}", tuple(sorted(dict(
             timestep_spacing=spacing, set_alpha_to_one=True, clip_sample=False).items()))))
     return [r for r in rows if r.name in QUICK_DIFFUSERS] if quick else rows
+
+
+COUNTERPART = "deis_jax counterpart"
+
+
+def counterpart_rows() -> list[Row]:
+    """deis_jax's data-prediction logrho DEIS of orders 2 and 3 on DPM-Solver++'s two grids (linspace, Karras),
+    final step to 0: the rows of diffusers' DPM-Solver++(2M)/(3M) configured alike. Fixed in advance, not
+    selected; shown for comparison and left out of the targets (`in_targets`)."""
+    return [dataclasses.replace(deis_row("logrho", order, grid, True, "data"), family=COUNTERPART,
+                                name=f"logrho o{order} {grid} (data), as DPM-Solver++({order}M)")
+            for order in (2, 3) for grid in ("linspace", "karras")]
+
+
+def in_targets(row: Row) -> bool:
+    """A deis_jax row the targets count: the selected hand grids and the learned grid."""
+    return row.is_deis and row.family != COUNTERPART
 
 
 def make_scheduler(row: Row):
@@ -439,15 +459,18 @@ def learn_part(args, selection: list[dict], previous: dict | None, log=print) ->
         log(f"learn: {best.name} NFE {n} trained in {grid['seconds']:.0f}s: "
             + " ".join(f"{s:.4g}" for s in grid["sigmas"]), flush=True)
     return dict(available=True, row=best.to_json(), grids=dict(sorted(grids.items(), key=lambda e: int(e[0]))),
-                seed=args.digits_train_seed)
+                seed=args.digits_train_seed, merged=bool(same))
 
 
 def row_group(row: Row) -> str:
-    """diffusers, eps, data (the hand-grid deis_jax rows by form) or learned: the units of --digits-rows."""
+    """diffusers, eps, data (the hand-grid deis_jax rows by form), learned or counterpart: the units of
+    --digits-rows."""
     if not row.is_deis:
         return "diffusers"
     if row.family == "deis_jax learned":
         return "learned"
+    if row.family == COUNTERPART:
+        return "counterpart"
     return "data" if row.config.predicts_data else "eps"
 
 
@@ -507,6 +530,7 @@ def digits_part(args, selection: list[dict], learned: dict | None, previous: dic
     log(f"digits: real vs real {refs['floor_mean']:.2f} +- {refs['floor_std']:.2f}; ODE reference FID "
         f"{refs['ode']['fid']:.2f} +- {refs['ode']['fid_sd']:.2f} ({refs['reference_seconds']:.0f}s)", flush=True)
     rows = diffusers_rows(args.quick) + [Row.from_json(s["row"]) for s in selection]
+    rows += counterpart_rows()[:1] if args.quick else counterpart_rows()
     plan = [(row, n, None) for row in rows for n in args.nfes]
     if learned and learned.get("available"):
         best = Row.from_json(learned["row"])
@@ -535,9 +559,9 @@ def digits_part(args, selection: list[dict], learned: dict | None, previous: dic
             f"{cell['fid_sd']:.2f}  RMS {cell.get('rms', math.nan):.4f}  "
             f"|x|>1.1 {cell.get('out_of_range', math.nan):5.2f}%"
             f"  ({cell['seconds']:.0f}s)", flush=True)
-    order = ("diffusers", "eps", "data", "learned")
+    order = ("diffusers", "eps", "data", "learned", "counterpart")
     out = dict(sorted(out.items(), key=lambda e: order.index(row_group(Row.from_json(e[1]["row"])))))
-    return dict(setup, refs=refs, rows=out)
+    return dict(setup, refs=refs, rows=out, merged=bool(keep))
 
 
 def pixel_judge(real, labels):
@@ -600,7 +624,7 @@ def mixture_targets(mix: dict) -> list[dict]:
     """Learned grid vs the best hand-grid deis_jax row (held-out error at sigma = 0), at every learned NFE."""
     out = []
     for n, g in mix["learned"].get("grids", {}).items():
-        hand = best_row(mix["rows"], int(n), lambda r: r.is_deis, "zero")
+        hand = best_row(mix["rows"], int(n), in_targets, "zero")
         if hand:
             out.append(dict(nfe=int(n), learned=g["test"]["zero"], hand=hand[1]["zero"], hand_name=hand[0],
                             ratio=g["test"]["zero"] / hand[1]["zero"]))
@@ -629,7 +653,7 @@ def digits_comparison(dig: dict) -> list[dict]:
     """At every NFE: the best deis_jax row (hand or learned) vs the best diffusers row, by FID."""
     out = []
     for n in dig["nfes"]:
-        d = best_row(dig["rows"], n, lambda r: r.is_deis, "fid")
+        d = best_row(dig["rows"], n, in_targets, "fid")
         f = best_row(dig["rows"], n, lambda r: not r.is_deis, "fid")
         if d and f:
             out.append(dict(nfe=n, deis=d, diffusers=f, **compare(d[1], f[1])))
@@ -782,7 +806,7 @@ def targets_markdown(store: dict) -> list[str]:
                 lines.append(f"* Digits NFE {c['nfe']}: best deis_jax {fmt_fid(c['deis'][1])} ({c['deis'][0]}) vs "
                              f"best diffusers {fmt_fid(c['diffusers'][1])} ({c['diffusers'][0]}): "
                              + verdict(c))
-        d5 = best_row(dig["rows"], 5, lambda r: r.is_deis, "fid")
+        d5 = best_row(dig["rows"], 5, in_targets, "fid")
         if d5:
             lines.append(f"* Digits NFE 5, best deis_jax FID {fmt_fid(d5[1])} (target <= 10): "
                          + ("met" if d5[1]["fid"] <= 10 else f"MISSED by {d5[1]['fid'] - 10:.2f}"))
@@ -804,8 +828,8 @@ def markdown(store: dict) -> str:
              "| part | command | date | wall time |", "|---|---|---|---:|"]
     for part in PARTS:
         if part in meta.get("parts", {}):
-            m = meta["parts"][part]
-            lines.append(f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |")
+            for m in meta["parts"][part]:
+                lines.append(f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |")
     lines += [""] + targets_markdown(store)
     if "mixture" in store:
         lines += [""] + mixture_markdown(store["mixture"])
@@ -878,7 +902,8 @@ PARTS = ("mixture", "select", "learn", "digits", "guided")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test); no files unless asked")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS),
+                   help="parts to run (default all; none: only rewrite the tables and plot from --out-json)")
     p.add_argument("--nfe", type=int, nargs="+", default=None, help=f"default {' '.join(map(str, NFES))}")
     p.add_argument("--components", type=int, default=12)
     p.add_argument("--dim", type=int, default=12)
@@ -890,8 +915,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="NFEs of the mixture's learned grids (3 4 5 6 8 10)")
     p.add_argument("--digits-learn-nfe", type=int, nargs="+", default=None,
                    help="NFEs of the digits' learned grids (5 10); merged with those stored")
-    p.add_argument("--digits-rows", nargs="+", choices=("diffusers", "eps", "data", "learned"),
-                   default=["diffusers", "eps", "data", "learned"],
+    p.add_argument("--digits-rows", nargs="+", choices=("diffusers", "eps", "data", "learned", "counterpart"),
+                   default=["diffusers", "eps", "data", "learned", "counterpart"],
                    help="row groups the digits part runs (the others are kept from the stored results)")
     p.add_argument("--learn-train-steps", type=int, default=None)
     p.add_argument("--learn-reference-steps", type=int, default=200)
@@ -984,8 +1009,10 @@ def main(argv=None) -> dict:
             store["learn"] = learn_part(args, store["select"]["selection"], store.get("learn"))
         else:
             store["digits"] = digits_part(args, store["select"]["selection"], store.get("learn"), store.get("digits"))
-        meta["parts"][part] = dict(command=command, wall=time.perf_counter() - t0,
-                                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        run = dict(command=command, wall=time.perf_counter() - t0,
+                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        # the runs that made the stored result: this one, after those it merged into (learn, digits)
+        meta["parts"][part] = (meta["parts"].get(part, []) if store[part].get("merged") else []) + [run]
         if args.out_json:
             with open(args.out_json, "w") as f:
                 json.dump(store, f, indent=1, allow_nan=True)

@@ -176,7 +176,7 @@ def test_tiny_run_writes_tables_and_plot(tmp_path):
     rows = store["digits"]["rows"]
     assert len(store["mixture"]["selection"]) == 2 * len(low.QUICK_SOLVER_TYPES)
     want = {s["row"]["name"] for s in store["select"]["selection"]}
-    want |= set(low.QUICK_DIFFUSERS) if acc.HAVE_DIFFUSERS else set()
+    want |= (set(low.QUICK_DIFFUSERS) if acc.HAVE_DIFFUSERS else set()) | {low.counterpart_rows()[0].name}
     assert set(rows) == want | ({f"learned {store['learn']['row']['name']}"} if store["learn"]["available"] else set())
     assert {c["form"] for c in store["guided"]["cells"]} == {"eps", "data"}
     assert png.stat().st_size > 10_000
