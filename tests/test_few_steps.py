@@ -119,9 +119,12 @@ def test_invalid_custom_grid_is_rejected(name, kwargs, match):
      r"^sigmas= / timesteps= are invalid with DEISConfig\(use_dynamic_shifting=True\)"),
     (dj.DEISConfig(**FLOW), {"sigmas": [1.0, 0.5, 0.1]},
      r"^sigmas=\[1.0, 0.5, 0.1\] is invalid: every entry must lie in the schedule's range \(0, 1\)"),
+    (dj.DEISConfig(**FLOW), {"sigmas": [0.9, 1e-50, 0.0]},  # 0 in float32: eps = 0 / 0 there
+     r"^sigmas=\[0.9, 1e-50, 0.0\] is invalid: every entry must lie in the schedule's range \(0, 1\)"),
     (dj.DEISConfig(time_schedule="vp_linear"), {"sigmas": [200.0, 1.0, 0.1]},
      r"^sigmas=\[200.0, 1.0, 0.1\] is invalid: every entry must lie in the schedule's range"),
-], ids=["zero-needs-0", "flow-timesteps", "continuous-timesteps", "dynamic-shifting", "flow-s=1", "continuous-range"])
+], ids=["zero-needs-0", "flow-timesteps", "continuous-timesteps", "dynamic-shifting", "flow-s=1", "flow-s-underflows",
+        "continuous-range"])
 def test_invalid_custom_grid_for_the_config(config, kwargs, match):
     with pytest.raises(ValueError, match=match):
         dj.set_timesteps(config, None, SHAPE, **kwargs)
