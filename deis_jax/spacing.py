@@ -283,9 +283,10 @@ def check_sigmas(config: DEISConfig, sigmas, num_inference_steps: int | None) ->
         raise ValueError(f"sigmas={given} is invalid: must be finite (the first may be inf on a "
                          "zero-terminal-SNR schedule), >= 0 and strictly decreasing.")
     top = s[1] if s[0] == np.inf else s[0]  # the largest finite level
-    inside = (lo < s[last] and s[0] < hi) if config.use_flow_sigmas else (lo <= s[last] and top <= hi)
+    # flow: positive levels also in float32 (the tables are cast to the compute dtype; s = 0 gives eps = 0 / 0)
+    inside = (np.float32(s[last]) > 0 and s[0] < hi) if config.use_flow_sigmas else (lo <= s[last] and top <= hi)
     if not inside:
-        interval = "(0, 1)" if config.use_flow_sigmas else f"[{lo:.6g}, {hi:.6g}]"
+        interval = "(0, 1) (positive in float32)" if config.use_flow_sigmas else f"[{lo:.6g}, {hi:.6g}]"
         raise ValueError(f"sigmas={given} is invalid: every entry must lie in the schedule's range "
                          f"{interval} (the last may be 0).")
     if config.final_sigmas_type == "zero" and s[-1] != 0:

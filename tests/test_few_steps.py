@@ -119,12 +119,25 @@ def test_invalid_custom_grid_is_rejected(name, kwargs, match):
      r"^sigmas= / timesteps= are invalid with DEISConfig\(use_dynamic_shifting=True\)"),
     (dj.DEISConfig(**FLOW), {"sigmas": [1.0, 0.5, 0.1]},
      r"^sigmas=\[1.0, 0.5, 0.1\] is invalid: every entry must lie in the schedule's range \(0, 1\)"),
+    (dj.DEISConfig(**FLOW), {"sigmas": [0.9, 1e-50, 0.0]},  # 0 in float32: eps = 0 / 0 there
+     r"^sigmas=\[0.9, 1e-50, 0.0\] is invalid: every entry must lie in the schedule's range \(0, 1\)"),
     (dj.DEISConfig(time_schedule="vp_linear"), {"sigmas": [200.0, 1.0, 0.1]},
      r"^sigmas=\[200.0, 1.0, 0.1\] is invalid: every entry must lie in the schedule's range"),
-], ids=["zero-needs-0", "flow-timesteps", "continuous-timesteps", "dynamic-shifting", "flow-s=1", "continuous-range"])
+], ids=["zero-needs-0", "flow-timesteps", "continuous-timesteps", "dynamic-shifting", "flow-s=1", "flow-s-underflows",
+        "continuous-range"])
 def test_invalid_custom_grid_for_the_config(config, kwargs, match):
     with pytest.raises(ValueError, match=match):
         dj.set_timesteps(config, None, SHAPE, **kwargs)
+
+
+def test_invalid_new_config_values():
+    with pytest.raises(ValueError, match=r"^DEISConfig.final_sigmas_type='denoise_to_zero' is invalid: must be one of "
+                                         r"\('sigma_min', 'zero'\)"):
+        dj.DEISConfig(final_sigmas_type="denoise_to_zero")
+    with pytest.raises(ValueError, match=r"^DEISConfig.algorithm_type='sde-dpmsolver\+\+' is invalid: must be one of "
+                                         r"\('deis', 'data_prediction', 'dpmsolver', 'dpmsolver\+\+'\)"):
+        dj.DEISConfig(algorithm_type="sde-dpmsolver++")
+    assert dj.DEISConfig(algorithm_type="dpmsolver").algorithm_type == "deis"  # diffusers' rewrite, for parity
 
 
 @pytest.mark.parametrize("entry", ["sample", "sample_from_noise", "img2img"])
@@ -423,6 +436,26 @@ def test_begin_index_at_the_last_step_to_zero(solver_type, order):
     # one step earlier: a whole step (S evaluations for rhork), then the step to 0
     previous = dj.set_begin_index(state, last - per_step)
     assert len(previous.timesteps[previous.begin_index:]) == per_step + 1
+
+
+@pytest.mark.parametrize("algorithm", dj.ALGORITHM_TYPES)
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_rhork_stages_at_the_step_ends_are_the_step_levels(order, algorithm):
+    """A Runge-Kutta stage at c = 0 or 1 is evaluated at the step's own start or end level, exactly (in the data
+    form the stages are placed in kappa = 1/rho, and 1/(1/rho) may miss rho by an ulp): the evaluation levels
+    never rise, and the model's time there is the step's."""
+    c = np.asarray(dj.config.RUNGE_KUTTA[order][0])
+    for kwargs in ({}, {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"}, FLOW,
+                   {"time_schedule": "vp_linear", "use_karras_sigmas": True}):
+        config = dj.DEISConfig(solver_type="rhork", solver_order=order, algorithm_type=algorithm, **kwargs)
+        with jax.enable_x64(True):
+            state = dj.set_timesteps(config, 9, SHAPE, dtype=jnp.float64)
+        sigmas, t = np.asarray(state.sigmas), np.asarray(state.timesteps)
+        assert (np.diff(sigmas) <= 0).all() and (np.diff(t) <= 0).all(), kwargs
+        stage_sigmas, stage_t = sigmas[:-1].reshape(9, order), t.reshape(9, order)
+        step_sigmas, step_t = np.append(stage_sigmas[:, 0], sigmas[-1]), stage_t[:, 0]
+        np.testing.assert_array_equal(stage_sigmas[:, c == 1], np.broadcast_to(step_sigmas[1:, None], (9, 1)))
+        np.testing.assert_array_equal(stage_t[:-1, c == 1], step_t[1:, None])
 
 
 # --- 5. the data-prediction form: convergence orders, order 1 is DDIM ------------------------------------
