@@ -288,29 +288,34 @@ def _needs_x0(state: DEISState) -> bool:
     return state.config.predicts_data or schedule.zero_terminal_snr(state.config) or state.ends_at_zero
 
 
-def _x0_and_eps(state: DEISState, model_output: jax.Array, sample: jax.Array):
-    """(x0, eps) from the model output at the current step; x0 is None when not needed."""
-    _check_output(state, model_output, sample)
-    config = state.config
-    cdtype = state.model_outputs.dtype
-    m, x = model_output.astype(cdtype), sample.astype(cdtype)
+def to_x0_eps(config: DEISConfig, model_output: jax.Array, x: jax.Array, alpha_t, sigma_t, s, needs_x0: bool = True):
+    """(x0, eps) from a model output m at sample x and noise level (alpha_t, sigma_t; s = the `sigmas` entry):
+    x0 = (x - sigma_t m) / alpha_t (epsilon), m (sample), alpha_t x - sigma_t m (v_prediction), x - s m
+    (flow_prediction), optionally thresholded; eps = (x - alpha_t x0) / sigma_t. Without thresholding an
+    epsilon model's eps is m itself, and x0 is None unless `needs_x0`."""
     if config.prediction_type == "epsilon" and not config.thresholding:
-        i = state.step_index
-        return ((x - state.sigma_t[i] * m) / state.alpha_t[i] if _needs_x0(state) else None), m
-    i = state.step_index
-    alpha_t, sigma_t = state.alpha_t[i], state.sigma_t[i]
+        return ((x - sigma_t * model_output) / alpha_t if needs_x0 else None), model_output
     if config.prediction_type == "epsilon":
-        x0 = (x - sigma_t * m) / alpha_t
+        x0 = (x - sigma_t * model_output) / alpha_t
     elif config.prediction_type == "sample":
-        x0 = m
+        x0 = model_output
     elif config.prediction_type == "v_prediction":
-        x0 = alpha_t * x - sigma_t * m
+        x0 = alpha_t * x - sigma_t * model_output
     else:  # flow_prediction
-        sigma_t = state.sigmas[i].astype(cdtype)
-        x0 = x - sigma_t * m
+        sigma_t = s
+        x0 = x - sigma_t * model_output
     if config.thresholding:
         x0 = _threshold(config, x0)
     return x0, (x - alpha_t * x0) / sigma_t
+
+
+def _x0_and_eps(state: DEISState, model_output: jax.Array, sample: jax.Array):
+    """(x0, eps) from the model output at the current step (`to_x0_eps`); x0 is None when not needed."""
+    _check_output(state, model_output, sample)
+    cdtype = state.model_outputs.dtype
+    i = state.step_index
+    return to_x0_eps(state.config, model_output.astype(cdtype), sample.astype(cdtype), state.alpha_t[i],
+                     state.sigma_t[i], state.sigmas[i].astype(cdtype), _needs_x0(state))
 
 
 def convert_model_output(state: DEISState, model_output: jax.Array, sample: jax.Array) -> jax.Array:

@@ -229,13 +229,8 @@ def timesteps_and_sigmas(
 
 
 def model_time(config: DEISConfig, log_rho: np.ndarray) -> np.ndarray:
-    """The model time t at u = log rho (float64): analytic for continuous and flow schedules,
-    piecewise linear between training timesteps for discrete ones (`sigma_to_t`)."""
-    if config.is_continuous:  # clipped: rho -> t rounding must not leave [t_min, t_max]
-        return np.clip(schedule.continuous_t(config, np.exp(log_rho)), *schedule.time_range(config))
-    if config.use_flow_sigmas:
-        return config.num_train_timesteps / (1.0 + np.exp(-log_rho))  # s * N, s = rho / (1 + rho)
-    return sigma_to_t(np.exp(log_rho), schedule.log_train_rhos(config))
+    """The model time t at u = log rho, unrounded (float64): `custom_model_times(whole=False)` at that level."""
+    return custom_model_times(config, schedule.sigma_from_rho(config, np.exp(log_rho)), whole=False)
 
 
 def sigma_range(config: DEISConfig) -> tuple[float, float]:
