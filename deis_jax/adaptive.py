@@ -156,7 +156,7 @@ def sample_adaptive_from_noise(
     kappa_of = lambda s: schedule.integration_variable(config, schedule.rho_from_sigma(config, s))  # noqa: E731
     sigma_of = lambda kappa: schedule.sigma_from_rho(config, schedule.integration_variable(config, kappa))  # noqa: E731
     kappa_start, kappa_end = (jnp.asarray(kappa_of(s), dtype) for s in (s_start, s_end))
-    direction = math.copysign(1.0, math.log(float(kappa_end)) - math.log(float(kappa_start)))
+    direction = 1.0 if config.predicts_data else -1.0  # kappa = 1 / rho rises, rho falls
     alpha_sigma = functools.partial(schedule.alpha_sigma, config)
     scale_of = lambda s: alpha_sigma(s)[1 if config.predicts_data else 0]  # noqa: E731
 
