@@ -177,7 +177,7 @@ def sample_adaptive_from_noise(
         scale, scale_next = scale_of(sigma_of(kappas[0])), scale_of(sigma_of(kappa_next))
         weights = scale_next * _lag_weights(config, kappas, kappa_next, dtype)  # [order, lag]
         k = jnp.minimum(accepted + 1, order)  # nodes in the history
-        lag_of_slot = (accepted - jnp.arange(order)) % order  # node n sits in slot n % order; node accepted - j is lag j
+        lag_of_slot = (accepted - jnp.arange(order)) % order  # slot of node n: n % order
         w_hi, w_lo = weights[k - 1][lag_of_slot], jnp.where(k > 1, weights[k - 2], 0.0)[lag_of_slot]
         x_next = (scale_next / scale) * x
         est = jnp.zeros_like(x)

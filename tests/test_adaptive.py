@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import GAUSS_MEAN, GAUSS_STD, benchmark_module, gaussian_flow
 
 import deis_jax as dj
 from deis_jax import schedule, spacing
+from helpers import GAUSS_MEAN, GAUSS_STD, benchmark_module, gaussian_flow
 
 BASE = dj.DEISConfig()
 SCHEDULES = {
