@@ -156,7 +156,7 @@ def sample_adaptive_from_noise(
     kappa_of = lambda s: schedule.integration_variable(config, schedule.rho_from_sigma(config, s))  # noqa: E731
     sigma_of = lambda kappa: schedule.sigma_from_rho(config, schedule.integration_variable(config, kappa))  # noqa: E731
     kappa_start, kappa_end = (jnp.asarray(kappa_of(s), dtype) for s in (s_start, s_end))
-    direction = math.copysign(1.0, math.log(float(kappa_end)) - math.log(float(kappa_start)))
+    direction = 1.0 if config.predicts_data else -1.0  # kappa = 1 / rho rises, rho falls
     alpha_sigma = functools.partial(schedule.alpha_sigma, config)
     scale_of = lambda s: alpha_sigma(s)[1 if config.predicts_data else 0]  # noqa: E731
 
@@ -177,7 +177,7 @@ def sample_adaptive_from_noise(
         scale, scale_next = scale_of(sigma_of(kappas[0])), scale_of(sigma_of(kappa_next))
         weights = scale_next * _lag_weights(config, kappas, kappa_next, dtype)  # [order, lag]
         k = jnp.minimum(accepted + 1, order)  # nodes in the history
-        lag_of_slot = (accepted - jnp.arange(order)) % order  # node n sits in slot n % order; node accepted - j is lag j
+        lag_of_slot = (accepted - jnp.arange(order)) % order  # slot of node n: n % order
         w_hi, w_lo = weights[k - 1][lag_of_slot], jnp.where(k > 1, weights[k - 2], 0.0)[lag_of_slot]
         x_next = (scale_next / scale) * x
         est = jnp.zeros_like(x)
