@@ -98,12 +98,17 @@ def variants(quick: bool) -> list[Variant]:
 
 # ----------------------------------------------------------------------------- runs
 
+# Compiled once per (model, config, rtol, atol): the noise seeds reuse it.
+_deis_solve = jax.jit(dj.sample_adaptive_from_noise, static_argnums=0,
+                      static_argnames=("config", "rtol", "atol", "max_evaluations"))
+
+
 def run_deis(problem: Problem, model, order: int, rtol: float, atol: float) -> dict:
-    """One `sample_adaptive_from_noise` run in float64: error, NFE, steps and the levels it reports."""
+    """One `sample_adaptive_from_noise` run in float64: the end point, NFE, steps and the levels it reports."""
     config = dataclasses.replace(BASE, solver_order=order)
     with jax.enable_x64(True):
-        x, info = dj.sample_adaptive_from_noise(model, jnp.asarray(problem.x_T, jnp.float64), config=config,
-                                                rtol=rtol, atol=atol, max_evaluations=MAX_EVALUATIONS)
+        x, info = _deis_solve(model, jnp.asarray(problem.x_T, jnp.float64), config=config, rtol=rtol, atol=atol,
+                              max_evaluations=MAX_EVALUATIONS)
     start, end = float(info.sigma_start), float(info.sigma_end)
     return dict(x=np.asarray(x), nfe=int(info.evaluations), accepted=int(info.accepted),
                 rejected=int(info.rejected), sigma_start=start, sigma_end=end)
@@ -183,16 +188,13 @@ def sweep(problem: Problem, model, v: Variant, rtols, levels=None, log=print) ->
     for p in (FIXED_STEPS if v.family == "diffrax fixed" else rtols):
         if v.family == "deis_jax":
             r = run_deis(problem, model, v.order, p, p)
-            lv = (r["sigma_start"], r["sigma_end"])
-        elif v.family == "diffrax fixed":
-            r, lv = run_diffrax(problem, model, v, levels, steps=p), levels
         else:
-            r, lv = run_diffrax(problem, model, v, levels, p, p), levels
+            r = run_diffrax(problem, model, v, levels, *((0.0, 0.0, p) if v.family == "diffrax fixed" else (p, p)))
+            r.update(sigma_start=levels[0], sigma_end=levels[1])
         x = r.pop("x")
-        ref = problem.exact(*lv)
-        err = float(np.mean(np.linalg.norm(x - ref, axis=1) / np.linalg.norm(ref, axis=1)))
-        points.append(dict(param=p, error=err, **r, **({} if v.family == "deis_jax" else
-                                                      dict(sigma_start=levels[0], sigma_end=levels[1]))))
+        ref = problem.exact(r["sigma_start"], r["sigma_end"])
+        errs = np.linalg.norm(x - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        points.append(dict(param=p, error=float(np.mean(errs)), max_error=float(np.max(errs)), **r))
     log(f"  {v.name:34s} " + " ".join(f"{q['error']:.1e}/{q['nfe']}" for q in points))
     return points
 
@@ -279,9 +281,9 @@ def markdown(args, results, summary, wall) -> str:
         f"{platform.processor() or platform.machine()}, jax {jax.__version__}, diffrax {diffrax.__version__}), "
         f"wall time {wall:.0f} s.",
         "",
-        f"accuracy.py's mixture (12 components in 12 dims, seed 0) with its exact eps-model, DEISConfig() (discrete "
-        f"VP), float64; the probability-flow ODE from rho = {lv[0]:.6g} to {lv[1]:.6g} (the levels "
-        f"`sample_adaptive_from_noise` reports); batch {args.batch} of x_T ~ N(0, I) per held-out noise seed "
+        f"accuracy.py's mixture ({args.components} components in {args.dim} dims, seed 0) with its exact eps-model, "
+        f"DEISConfig() (discrete VP), float64; the probability-flow ODE from rho = {lv[0]:.6g} to {lv[1]:.6g} (the "
+        f"levels `sample_adaptive_from_noise` reports); batch {args.batch} of x_T ~ N(0, I) per held-out noise seed "
         f"({', '.join(map(str, seeds))}). Error: mean over samples of ||x - x_exact|| / ||x_exact||, x_exact from "
         "scipy DOP853 (rtol 1e-10). NFE: model evaluations (diffrax: counted in the vector field). Each cell: median "
         "[min, max] over the seeds. See the module docstring for the method.",
@@ -341,7 +343,11 @@ def markdown(args, results, summary, wall) -> str:
               f"{sum(q['nfe'] == q['stats_nfe'] for q in diffrax_runs)} of {len(diffrax_runs)} runs; "
               f"{sum(not q['ok'] for q in diffrax_runs)} runs failed.",
               f"* deis_jax: {len(short)} of {len(deis_runs)} runs stopped at max_evaluations={MAX_EVALUATIONS} "
-              "before the end level (left out)."]
+              "before the end level (left out).",
+              "* Samples in another mode (relative error > 0.5; one of 128 adds about 0.007 to the mean error), "
+              "runs with one or more at a mean error below 0.05: "
+              + ", ".join(f"{fam} {sum(q['max_error'] > 0.5 and q['error'] < 0.05 for q in runs)} of {len(runs)}"
+                          for fam, runs in (("deis_jax", deis_runs), ("diffrax", diffrax_runs))) + "."]
     return "\n".join(lines) + "\n"
 
 

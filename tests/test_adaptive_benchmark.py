@@ -76,17 +76,20 @@ def test_nfe_at_interpolates_log_log_on_the_pareto_front():
 
 
 def test_quick_run(tmp_path):
-    """The --quick run: deis_jax reports the schedule's range, every contender's error falls as rtol falls by
-    decades, diffrax's counted evaluations equal its statistics, and the tables are written."""
+    """The --quick run: deis_jax reports the schedule's range, every contender's error falls by over 100x from
+    rtol 1e-2 to 1e-5 (deis_jax's at every decade), diffrax's counted evaluations equal its statistics, and the
+    tables are written."""
     md = tmp_path / "adaptive.md"
     results, summary = adaptive.main(["--quick", "--batch", "16", "--components", "4", "--dim", "3",
                                       "--out-md", str(md)])
     (res,) = results.values()
     assert res["levels"] == pytest.approx(LEVELS, rel=1e-12)
     for name, pts in res["sweeps"].items():
-        errors = [q["error"] for q in sorted(pts, key=lambda q: -q["param"])]
-        assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), (name, errors)
-        if res["family"][name] != "deis_jax":
+        errors = [q["error"] for q in sorted(pts, key=lambda q: -q["param"])]  # rtol 1e-2 ... 1e-5
+        assert errors[-1] < errors[0] / 100, (name, errors)
+        if res["family"][name] == "deis_jax":  # error-per-step control: monotone in rtol (diffrax's is not)
+            assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), (name, errors)
+        else:
             assert all(q["nfe"] == q["stats_nfe"] and q["ok"] for q in pts), name
     text = md.read_text()
     assert "| target error | deis_jax best | diffrax Tsit5 best |" in text
