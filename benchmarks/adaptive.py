@@ -12,7 +12,8 @@ Method
   rho) in y = x / alpha, alpha = 1 / sqrt(1 + rho^2).
 * Error: mean over samples of ||x - x_exact|| / ||x_exact|| (as accuracy.py).
 * Contenders, each a sweep of rtol = 10^-1, 10^-1.5, ..., 10^-7 with atol = rtol (the samples are O(1)):
-    deis_jax  `sample_adaptive_from_noise`, DEISConfig() (solver_order 2) and solver_order 3.
+    deis_jax  `sample_adaptive_from_noise`, DEISConfig() (solver_order 2) and solver_order 3, each in the noise
+              form (the default) and the data-prediction form (algorithm_type="data_prediction", "data").
     diffrax   Tsit5 and Dopri5, `PIDController(rtol, atol)`, dt0=None, in two formulations of the same ODE:
               logrho: dy/du = rho eps(alpha y, rho), y = x / alpha, u = log rho (DEIS's variable; the
                       right-hand side is smooth and slowly varying in u);
@@ -81,11 +82,14 @@ class Variant:
     form: str = ""  # diffrax: "logrho" / "vp-t"
     controller: str = ""  # diffrax adaptive: a key of CONTROLLERS
     order: int = 0  # deis_jax: solver_order
+    algorithm: str = "deis"  # deis_jax: algorithm_type (the noise or the data-prediction form)
 
 
 def variants(quick: bool) -> list[Variant]:
     out = [Variant("deis_jax", f"deis_jax o{k}" + (" (default)" if k == BASE.solver_order else ""), order=k)
            for k in (DEIS_ORDERS[:1] if quick else DEIS_ORDERS)]
+    if not quick:
+        out += [Variant("deis_jax", f"deis_jax o{k} data", order=k, algorithm="data_prediction") for k in DEIS_ORDERS]
     for solver in ("tsit5", "dopri5"):
         for form in ("logrho", "vp-t"):
             for ctrl in (("I",) if quick else tuple(CONTROLLERS)):
@@ -103,9 +107,9 @@ _deis_solve = jax.jit(dj.sample_adaptive_from_noise, static_argnums=0,
                       static_argnames=("config", "rtol", "atol", "max_evaluations"))
 
 
-def run_deis(problem: Problem, model, order: int, rtol: float, atol: float) -> dict:
+def run_deis(problem: Problem, model, order: int, rtol: float, atol: float, algorithm: str = "deis") -> dict:
     """One `sample_adaptive_from_noise` run in float64: the end point, NFE, steps and the levels it reports."""
-    config = dataclasses.replace(BASE, solver_order=order)
+    config = dataclasses.replace(BASE, solver_order=order, algorithm_type=algorithm)
     with jax.enable_x64(True):
         x, info = _deis_solve(model, jnp.asarray(problem.x_T, jnp.float64), config=config, rtol=rtol, atol=atol,
                               max_evaluations=MAX_EVALUATIONS)
@@ -187,7 +191,7 @@ def sweep(problem: Problem, model, v: Variant, rtols, levels=None, log=print) ->
     points = []
     for p in (FIXED_STEPS if v.family == "diffrax fixed" else rtols):
         if v.family == "deis_jax":
-            r = run_deis(problem, model, v.order, p, p)
+            r = run_deis(problem, model, v.order, p, p, v.algorithm)
         else:
             r = run_diffrax(problem, model, v, levels, *((0.0, 0.0, p) if v.family == "diffrax fixed" else (p, p)))
             r.update(sigma_start=levels[0], sigma_end=levels[1])

@@ -122,7 +122,8 @@ def _spaced_timesteps(config: DEISConfig, num_inference_steps: int) -> np.ndarra
 def sigma_to_t(sigma, log_train_rhos: np.ndarray, xp=np):
     """Fractional training timestep whose rho equals sigma: linear interpolation in log rho, clamped
     (sigma = inf, a zero-terminal-SNR start, is the last timestep); numpy, or jax.numpy for a traced sigma."""
-    log_train_rhos = xp.asarray(log_train_rhos)
+    if xp is not np:  # the table in sigma's precision (no float64 request without x64)
+        log_train_rhos = xp.asarray(log_train_rhos, dtype=xp.result_type(sigma))
     log_sigma = xp.log(xp.maximum(sigma, SIGMA_FLOOR))
     low = xp.clip(xp.searchsorted(log_train_rhos, log_sigma, side="right") - 1, 0, len(log_train_rhos) - 2)
     lo, hi = log_train_rhos[low], log_train_rhos[low + 1]
