@@ -81,6 +81,8 @@ FORMS = low.FORMS  # {"eps": "deis", "data": "data_prediction"}
 PARTS = ("mixture", "digits")
 MIX_ORDERS = (1, 2, 3)
 DIGITS_CONFIGS = (("data", 2), ("data", 3), ("eps", 3))  # (form, logrho order)
+SDE_ROW = "diffusers SDE-DPM-Solver++(2M)"
+COUNTERPART = "logrho o2 (data) eta 1"  # the same SDE and first-order step as diffusers' SDE-DPM-Solver++(2M)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -115,7 +117,7 @@ def deis_rows(configs, final: str = "zero") -> list[Row]:
 def diffusers_rows() -> list[Row]:
     if not acc.HAVE_DIFFUSERS:
         return []
-    return [Row("diffusers SDE-DPM-Solver++(2M)", algorithm="sde-dpmsolver++"),
+    return [Row(SDE_ROW, algorithm="sde-dpmsolver++"),
             Row("diffusers DPM-Solver++(2M) (ODE)", algorithm="dpmsolver++")]
 
 
@@ -226,7 +228,8 @@ def statistics(mix: acc.Mixture, x: np.ndarray, reference: np.ndarray, h: float)
     finite = np.isfinite(x).all(1)
     x = x[finite]
     mean, var = mixture_moments(mix)
-    return dict(mmd2=mmd2(x, reference, h), mmd2_narrow=mmd2(x, reference, component_bandwidth(mix)), mean_err=float(np.sqrt(np.mean((x.mean(0) - mean) ** 2))),
+    return dict(mmd2=mmd2(x, reference, h), mmd2_narrow=mmd2(x, reference, component_bandwidth(mix)),
+                mean_err=float(np.sqrt(np.mean((x.mean(0) - mean) ** 2))),
                 var_err=float(np.sqrt(np.mean((x.var(0, ddof=1) / var - 1.0) ** 2))), width=width_ratio(mix, x),
                 nonfinite=int((~finite).sum()))
 
@@ -319,26 +322,26 @@ def digits_part(args, log=print) -> dict:
                 bootstrap=args.bootstrap, batch_size=args.batch_size, floor=[floor_mean, floor_std], rows=rows)
 
 
-COUNTERPART = "logrho o2 (data) eta 1"  # the same SDE and first-order step as diffusers' SDE-DPM-Solver++(2M)
 
 
 def digits_comparison(dig: dict) -> list[dict]:
-    """At each NFE: deis_jax's counterpart row and its best row (by FID) against diffusers' SDE-DPM-Solver++(2M),
-    with the paired bootstrap spread of the difference (`low_nfe.compare`)."""
+    """At each NFE: deis_jax's counterpart row and its best row with eta > 0 (by FID) against diffusers'
+    SDE-DPM-Solver++(2M), with the paired bootstrap spread of the difference (`low_nfe.compare`)."""
     rows = dig["rows"]
-    sde = rows.get("diffusers SDE-DPM-Solver++(2M)")
+    if SDE_ROW not in rows:
+        return []
+    stochastic = [name for name, r in rows.items() if r["row"]["algorithm"] is None and r["row"]["eta"] > 0]
     out = []
-    for n in dig["nfes"]:
-        if sde is None:
-            break
-        theirs = sde["cells"][str(n)]
-        best = min(((name, r["cells"][str(n)]) for name, r in rows.items() if r["row"]["algorithm"] is None
-                    and r["row"]["eta"] > 0 and low._finite(r["cells"][str(n)]["fid"])), key=lambda e: e[1]["fid"])
-        for label, (name, cell) in (("counterpart", (COUNTERPART, rows.get(COUNTERPART, {}).get("cells", {}).get(
-                str(n)))), ("best stochastic deis_jax", best)):
-            if cell is not None:
-                out.append(dict(nfe=n, label=label, name=name, deis=cell, diffusers=theirs,
-                                **low.compare(cell, theirs)))
+    for n in map(str, dig["nfes"]):
+        finite = [name for name in stochastic if low._finite(rows[name]["cells"][n]["fid"])]
+        picks = [("counterpart", COUNTERPART)] if COUNTERPART in rows else []
+        if finite:
+            picks.append(("best stochastic deis_jax", min(finite, key=lambda name: rows[name]["cells"][n]["fid"])))
+        theirs = rows[SDE_ROW]["cells"][n]
+        for label, name in picks:
+            cell = rows[name]["cells"][n]
+            out.append(dict(nfe=int(n), label=label, name=name, deis=cell, diffusers=theirs,
+                            **low.compare(cell, theirs)))
     return out
 
 
