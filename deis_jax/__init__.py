@@ -1,5 +1,10 @@
 """deis_jax: the Diffusion Exponential Integrator Sampler (DEIS) in pure, jit-able JAX."""
 
+from deis_jax.adaptive import (
+    AdaptiveInfo as AdaptiveInfo,
+    sample_adaptive as sample_adaptive,
+    sample_adaptive_from_noise as sample_adaptive_from_noise,
+)
 from deis_jax.config import (
     ALGORITHM_TYPES as ALGORITHM_TYPES,
     BETA_SCHEDULES as BETA_SCHEDULES,
@@ -50,6 +55,7 @@ __all__ = [
     "PUBLISHED_GRIDS",
     "SOLVER_TYPES",
     "TIMESTEP_SPACINGS",
+    "AdaptiveInfo",
     "DEISConfig",
     "DEISState",
     "FlaxDEISMultistepScheduler",
@@ -65,6 +71,8 @@ __all__ = [
     "published_sigmas",
     "run_loop",
     "sample",
+    "sample_adaptive",
+    "sample_adaptive_from_noise",
     "sample_from_noise",
     "save_grid",
     "scale_model_input",

@@ -103,26 +103,33 @@ def _polyval(poly, v, xp: ModuleType):
     return xp.sum(poly * v ** np.arange(poly.shape[-1]), axis=-1)
 
 
-def _exp_integral_operator(num_nodes: int) -> np.ndarray:
-    """Matrix D with (p @ D) = coefficients of Q = p - p' + p'' - ... (so d/dv[e^v Q(v)] = e^v p(v))."""
+def _exp_integral_operator(num_nodes: int, rate: float = 1.0) -> np.ndarray:
+    """Matrix D with (p @ D) = coefficients of Q = sum_m (-1)^m p^(m) / rate^(m+1) (so d/dv[e^(rate v) Q(v)] =
+    e^(rate v) p(v)); rate = 1: Q = p - p' + p'' - ..."""
     deriv = np.diag(np.arange(1, num_nodes, dtype=np.float64), 1).T  # p' = p @ deriv
     op = np.zeros((num_nodes, num_nodes))
-    term = np.eye(num_nodes)
+    term = np.eye(num_nodes) / rate
     for m in range(num_nodes):
         op += (-1) ** m * term
-        term = term @ deriv
+        term = term @ deriv / rate
     return op
 
 
-def logrho_weights(rhos, orders: np.ndarray, max_order: int, xp: ModuleType = np):
-    """Integrals of ell_j(log rho) over [rho_i, rho_{i+1}], closed form: [N, max_order]."""
+def logrho_weights(rhos, orders: np.ndarray, max_order: int, xp: ModuleType = np, power: float = 0.0):
+    """Integrals of ell_j(log r) r^power dr over [r_i, r_{i+1}], closed form: [N, max_order].
+
+    With v = log r - log r_i and c = 1 + power: r_i^c [e^(c h) Q_c(h) - Q_c(0)] (`_exp_integral_operator`).
+    power = 0 is the ODE's integral; the stochastic data form has power = eta^2 (`build`).
+    """
     n = rhos.shape[0] - 1
+    rate = 1.0 + power
     log_rho = xp.log(rhos)
     h = (log_rho[1:] - log_rho[:-1])[:, None]
-    q = _basis_per_step(log_rho, orders, max_order, xp) @ _exp_integral_operator(max_order)
-    # rho_i [e^h Q(h) - Q(0)] = rho_i [(e^h - 1) Q(h) + Q(h) - Q(0)]
+    q = _basis_per_step(log_rho, orders, max_order, xp) @ _exp_integral_operator(max_order, rate)
+    # r_i^c [e^(c h) Q(h) - Q(0)] = r_i^c [(e^(c h) - 1) Q(h) + Q(h) - Q(0)]
     q_h = _polyval(q, h[..., None], xp)
-    return rhos[:n, None] * (xp.expm1(h) * q_h + q_h - q[..., 0])
+    scale = rhos[:n, None] if rate == 1.0 else rhos[:n, None] ** rate
+    return scale * (xp.expm1(rate * h) * q_h + q_h - q[..., 0])
 
 
 def rhoab_weights(rhos, orders: np.ndarray, max_order: int, xp: ModuleType = np):
@@ -201,13 +208,15 @@ def runge_kutta_weights(step_rhos, order: int, xp: ModuleType = np):
 MULTISTEP_WEIGHTS = {"logrho": logrho_weights, "rhoab": rhoab_weights, "ipndm": ipndm_weights}
 
 
-def build(config: DEISConfig, grid: spacing.Grid, begin_index: int, xp: ModuleType = np) -> dict:
-    """Per evaluation e: orders (numpy int), alpha_t, sigma_t, a, b and lag weights c [E, K].
+def build(config: DEISConfig, grid: spacing.Grid, begin_index: int, xp: ModuleType = np, eta: float = 0.0) -> dict:
+    """Per evaluation e: orders (numpy int), alpha_t, sigma_t, a, b, lag weights c [E, K] and the noise std.
 
-    x_{e+1} = a_e x_e + b_e x0_e + sum_j c_{e,j} m_{e-j}, with m = eps (noise form) or x0 (data form);
-    in the data form kappa = 1 / rho and the scale is sigma: a = sigma_{e+1} / sigma_e, c = sigma_{e+1} *
+    x_{e+1} = a_e x_e + b_e x0_e + sum_j c_{e,j} m_{e-j} + noise_e z_e, with m = eps (noise form) or x0 (data
+    form); in the data form kappa = 1 / rho and the scale is sigma: a = sigma_{e+1} / sigma_e, c = sigma_{e+1} *
     integral of ell_j d kappa. Two steps are limits, closed form for every solver: from rho = inf (zero
     terminal SNR), x' = alpha' x0 + sigma' eps (eps = x there); to sigma = 0, x' = x0 (b = 1).
+
+    eta > 0 (`stochastic`): the reverse SDE with noise scale eta instead of the ODE.
 
     xp=numpy: a static grid, in float64. xp=jax.numpy: a grid of (possibly traced) jnp arrays, e.g. one
     being learned under `jax.grad`; its values then decide nothing: the orders are `static_orders` (the
@@ -233,9 +242,10 @@ def build(config: DEISConfig, grid: spacing.Grid, begin_index: int, xp: ModuleTy
         if config.solver_type == "tab":
             integrals = tab_weights(config, kappa, orders[: len(kappa) - 1])
         else:
+            extra = {"power": eta**2} if eta and config.predicts_data else {}  # the data form's SDE kernel
             with np.errstate(invalid="ignore", divide="ignore"):  # a node at rho = inf (zero SNR): replaced below
                 integrals = MULTISTEP_WEIGHTS[config.solver_type](kappa, orders[: len(kappa) - 1], config.solver_order,
-                                                                  xp)
+                                                                  xp, **extra)
     if to_zero:
         orders[-1] = 1
         integrals = xp.concatenate([integrals, xp.zeros((1, config.solver_order), integrals.dtype)])
@@ -247,12 +257,38 @@ def build(config: DEISConfig, grid: spacing.Grid, begin_index: int, xp: ModuleTy
     with np.errstate(invalid="ignore", divide="ignore"):
         a = xp.where(ends, 0.0, scale[1:] / scale[:-1])
         c = scale[1:, None] * integrals
+    noise = xp.zeros_like(a)
+    if eta:
+        a, c, noise = stochastic(config, eta, schedule.integration_variable(config, rhos), alpha, sigma, a, c, xp)
     if config.predicts_data:  # from rho = inf: a = sigma' (eps = x), the x0 weight alpha'
         c = xp.where(from_inf[:, None], first_lag * alpha[1:, None], c)
         b = xp.where(ends, 1.0, 0.0)
-    else:  # from rho = inf: a = 0, x0 weight alpha', eps weight sigma'
+    else:  # from rho = inf: a = 0, x0 weight alpha', eps weight sigma' (none for the SDE: fresh noise instead)
         a = xp.where(from_inf, 0.0, a)
-        c = xp.where(from_inf[:, None], first_lag * sigma[1:, None], c)
+        c = xp.where(from_inf[:, None], first_lag * sigma[1:, None] * (not eta), c)
         b = xp.where(from_inf | ends, alpha[1:], 0.0)
+        noise = xp.where(from_inf, sigma[1:] * bool(eta), noise)
     c = xp.where(ends[:, None], 0.0, c)
-    return dict(orders=orders, alpha_t=alpha[:-1], sigma_t=sigma[:-1], a=a, b=b, c=c)
+    noise = xp.where(ends, 0.0, noise)
+    return dict(orders=orders, alpha_t=alpha[:-1], sigma_t=sigma[:-1], a=a, b=b, c=c, noise=noise)
+
+
+def stochastic(config: DEISConfig, eta: float, kappa, alpha, sigma, a, c, xp: ModuleType = np):
+    """(a, c, noise std) of the reverse SDE with noise scale eta, from the ODE's a and c.
+
+    In y = x / alpha the SDE dx = [f x - (1 + eta^2) g^2 score / 2] dt + eta g dW is
+    dy = (1 + eta^2) eps d rho + eta sqrt(-d rho^2) dW (eta = 0: the probability-flow ODE). Over a step, exact in
+    the linear part and with the ODE's polynomial for eps or x0:
+      noise form: c *= 1 + eta^2; noise std alpha' eta sqrt(rho^2 - rho'^2).
+      data form (kappa = 1 / rho, h = log(kappa' / kappa)): a *= e^(-eta^2 h); c = (1 + eta^2) sigma'
+        kappa'^(-eta^2) * integral of ell_j kappa^(eta^2) d kappa (`logrho_weights(power=eta^2)`, already in c);
+        noise std sigma' sqrt(1 - e^(-2 eta^2 h)).
+    At eta = 1 and order 1 these are DPM-Solver's sde-dpmsolver and sde-dpmsolver++ (DDPM) steps.
+    """
+    eta2, rate = eta**2, 1.0 + eta**2
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if not config.predicts_data:
+            return a, rate * c, alpha[1:] * eta * xp.sqrt((kappa[:-1] - kappa[1:]) * (kappa[:-1] + kappa[1:]))
+        decay = (kappa[:-1] / kappa[1:]) ** eta2  # e^(-eta^2 h)
+        return (a * decay, rate * kappa[1:, None] ** -eta2 * c,
+                sigma[1:] * xp.sqrt(-xp.expm1(2.0 * eta2 * xp.log(kappa[:-1] / kappa[1:]))))

@@ -76,11 +76,26 @@ def _check_fresh(state: DEISState) -> None:
                          "Start from set_timesteps or set_begin_index.")
 
 
+def _check_key(state: DEISState, key) -> None:
+    """A stochastic state (eta > 0) needs a PRNG key for its per-step noise."""
+    if state.eta and key is None:
+        raise ValueError(f"key=None is invalid with eta={state.eta}: stochastic sampling draws its per-step noise "
+                         "from a PRNG key (pass key=jax.random.key(...)).")
+
+
+def _normal_like(key: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """Standard normal noise of x's shape in `dtype`, drawn with x's sharding when that is explicit."""
+    spec = jax.typeof(x).sharding.spec
+    explicit = any(axis is not None for axis in spec)
+    return jax.random.normal(key, x.shape, dtype, out_sharding=spec if explicit else None)
+
+
 def run_loop(
     model_fn: ModelFn,
     x: jax.Array,
     state: DEISState,
     *,
+    key: jax.Array | None = None,
     progress: bool = False,
     check_finite: bool = False,
     remat: bool = False,
@@ -88,6 +103,8 @@ def run_loop(
 ) -> jax.Array:
     """Run the steps of a fresh `state` on x as one lax.scan: steps `state.begin_index`..N-1
     (`set_timesteps(..., begin_index=)` or `set_begin_index` decide where the solve starts).
+
+    key: required when `state.eta > 0`: step i's noise is N(0, I) from `jax.random.fold_in(key, i)`.
 
     progress: a tqdm bar updated from inside the compiled loop (host callback).
     check_finite: raise `NonFiniteError` naming the first non-finite step (a checkify check after the
@@ -97,13 +114,17 @@ def run_loop(
             model's gradient inside a loop several times slower than unrolled).
     """
     _check_fresh(state)
+    _check_key(state, key)
     timesteps = state.timesteps[state.begin_index:]
     update = _progress_callback(len(timesteps)) if progress else None
 
     def body(carry, t):
         x, state, bad = carry
         model_output = model_fn(scale_model_input(state, x, t), t)
-        new_x, new_state = step(state, model_output, t, x)
+        z = None
+        if state.eta:
+            z = _normal_like(jax.random.fold_in(key, state.step_index), x, state.model_outputs.dtype)
+        new_x, new_state = step(state, model_output, t, x, z)
         if update is not None:
             jax.debug.callback(update, state.step_index)
         if check_finite:
@@ -133,12 +154,15 @@ def sample_from_noise(
     begin_index: int = 0,
     sigmas=None,
     timesteps=None,
+    eta: float = 0.0,
+    key: jax.Array | None = None,
     progress: bool = False,
     check_finite: bool = False,
     remat: bool = False,
 ) -> jax.Array:
     """Solve the probability-flow ODE from x_T = `state.init_noise_sigma` * `noise` (1, or sigma_0 for VE) with DEIS;
-    returns x_0 in `noise.dtype`.
+    returns x_0 in `noise.dtype`. With `eta` > 0, the reverse SDE with noise scale eta instead
+    (`set_timesteps`), its per-step noise drawn from `key` (`run_loop`).
 
     `model_fn(x, t)` gets the sample and the timestep (a scalar array) and returns the model
     output. The loop is one `lax.scan`, so its body is traced once. With `begin_index` the
@@ -148,10 +172,11 @@ def sample_from_noise(
     """
     noise = jnp.asarray(noise)
     state = set_timesteps(config, _step_count(num_inference_steps, sigmas, timesteps), noise.shape, mu,
-                          dtype=noise.dtype, begin_index=begin_index, sigmas=sigmas, timesteps=timesteps)
+                          dtype=noise.dtype, begin_index=begin_index, sigmas=sigmas, timesteps=timesteps, eta=eta)
+    _check_key(state, key)
     # x_T = init_noise_sigma noise, in the noise's dtype; a later start (begin_index > 0) is the sample itself.
     x = (noise * state.init_noise_sigma).astype(noise.dtype) if begin_index == 0 else noise
-    return run_loop(model_fn, x, state, progress=progress,
+    return run_loop(model_fn, x, state, key=key, progress=progress,
                     check_finite=check_finite, remat=remat)
 
 
@@ -166,15 +191,17 @@ def sample(
     mu: float | None = None,
     sigmas=None,
     timesteps=None,
+    eta: float = 0.0,
     progress: bool = False,
     check_finite: bool = False,
     remat: bool = False,
 ) -> jax.Array:
-    """Draw x_T ~ N(0, I) of `shape` and `dtype` from `key`, then `sample_from_noise`."""
+    """Draw x_T ~ N(0, I) of `shape` and `dtype` from `key`, then `sample_from_noise` (with `eta` > 0, the
+    per-step noise of step i from `jax.random.fold_in(key, i)`)."""
     noise = jax.random.normal(key, check_shape(shape), dtype)
     return sample_from_noise(model_fn, noise, config=config, num_inference_steps=num_inference_steps, mu=mu,
-                             sigmas=sigmas, timesteps=timesteps, progress=progress, check_finite=check_finite,
-                             remat=remat)
+                             sigmas=sigmas, timesteps=timesteps, eta=eta, key=key, progress=progress,
+                             check_finite=check_finite, remat=remat)
 
 
 def strength_begin_index(config: DEISConfig, num_inference_steps: int, strength: float) -> int:
@@ -200,16 +227,20 @@ def img2img(
     mu: float | None = None,
     sigmas=None,
     timesteps=None,
+    eta: float = 0.0,
+    key: jax.Array | None = None,
     progress: bool = False,
     check_finite: bool = False,
 ) -> jax.Array:
     """Noise `image` to the step where a `strength` fraction of the schedule remains, then solve
     from there (diffusers' img2img semantics: `set_begin_index`, `add_noise` at that timestep);
-    `sigmas` / `timesteps` give a custom grid as in `sample_from_noise`."""
+    `sigmas` / `timesteps` give a custom grid, `eta` and `key` the SDE, as in `sample_from_noise`."""
     image = jnp.asarray(image)
     n, grid_sigmas = custom_grid(config, _step_count(num_inference_steps, sigmas, timesteps), sigmas, timesteps)
     begin = strength_begin_index(config, n, strength)
-    state = set_timesteps(config, n, image.shape, mu, dtype=image.dtype, begin_index=begin, sigmas=grid_sigmas)
+    state = set_timesteps(config, n, image.shape, mu, dtype=image.dtype, begin_index=begin, sigmas=grid_sigmas,
+                          eta=eta)
+    _check_key(state, key)
     alpha_t, sigma_t = alpha_sigma(config, state.sigmas[begin])  # diffusers: sigmas[begin_index]
     x = (alpha_t * image + sigma_t * jnp.asarray(noise, state.sigmas.dtype)).astype(image.dtype)
-    return run_loop(model_fn, x, state, progress=progress, check_finite=check_finite)
+    return run_loop(model_fn, x, state, key=key, progress=progress, check_finite=check_finite)

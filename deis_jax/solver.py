@@ -28,19 +28,20 @@ from deis_jax.schedule import alpha_sigma
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "b", "weights", "step_index",
+    data_fields=["timesteps", "sigmas", "orders", "alpha_t", "sigma_t", "a", "b", "weights", "noise", "step_index",
                  "model_outputs"],
-    meta_fields=["config", "requested_steps", "mu", "begin_index", "grid_sigmas"],
+    meta_fields=["config", "requested_steps", "mu", "begin_index", "grid_sigmas", "eta"],
 )
 @dataclasses.dataclass(frozen=True)
 class DEISState:
-    """Schedule and solver state, a pytree; `config`, `requested_steps`, `mu`, `begin_index` and
-    `grid_sigmas` are static metadata (what `set_timesteps` was called with).
+    """Schedule and solver state, a pytree; `config`, `requested_steps`, `mu`, `begin_index`, `grid_sigmas`
+    and `eta` are static metadata (what `set_timesteps` was called with).
 
     requested_steps: the `num_inference_steps` asked for (`rhork` has solver_order evaluations per step).
     mu:            the dynamic-shifting parameter of the schedule, or None.
     begin_index:   the step the solve starts at (img2img); `run_loop` runs steps begin_index..N-1.
     grid_sigmas:   the custom grid (`sigmas=` or `timesteps=` of `set_timesteps`) as a tuple, or None.
+    eta:           the SDE's noise scale (0: the probability-flow ODE; see `coefficients.stochastic`).
 
     timesteps:     [N], the time passed to the model at each step: int32 training timesteps (diffusers'
                    values), float for rhork stages and continuous schedules (README: "What `t` is").
@@ -50,6 +51,7 @@ class DEISState:
     a:             [N], x_{i+1} / x_i's scale ratio: alpha_{i+1} / alpha_i (sigma ratio in the data form).
     b:             [N], weight of x0 (nonzero only on a step from rho = inf, zero terminal SNR, or to sigma = 0).
     weights:       [N, solver_order], weight of each history slot at step i.
+    noise:         [N], the std of the fresh noise step i adds (all 0 when eta = 0).
     step_index:    int32 scalar, the next step to take.
     model_outputs: [solver_order, *shape], ring buffer of converted outputs (eps, or x0 in the data form).
     """
@@ -59,6 +61,7 @@ class DEISState:
     mu: float | None
     begin_index: int
     grid_sigmas: tuple[float, ...] | None
+    eta: float
     timesteps: jax.Array
     sigmas: jax.Array
     orders: jax.Array
@@ -67,6 +70,7 @@ class DEISState:
     a: jax.Array
     b: jax.Array
     weights: jax.Array
+    noise: jax.Array
     step_index: jax.Array
     model_outputs: jax.Array
 
@@ -130,11 +134,11 @@ def _check_mu(config: DEISConfig, mu: float | None) -> float | None:
     return value
 
 
-def state_tables(config: DEISConfig, grid: spacing.Grid, begin_index: int, dtype: str, xp=np) -> dict:
+def state_tables(config: DEISConfig, grid: spacing.Grid, begin_index: int, dtype: str, xp=np, eta: float = 0.0) -> dict:
     """The data fields of a `DEISState` but for the step index and history: `coefficients.build` on `grid`, the
     weights in the ring's slot layout, cast to `dtype` (int32 for integer timesteps and the orders). numpy for a
     static grid; jax.numpy for a traced one (see `coefficients.build`)."""
-    t = coefficients.build(config, grid, begin_index, xp)
+    t = coefficients.build(config, grid, begin_index, xp, eta)
     n, order = t["c"].shape
     # weights[i, slot] = c[i, j] for the lag j = (i - slot) mod order stored in that slot.
     lag = (np.arange(n)[:, None] - np.arange(order)[None, :]) % order
@@ -144,17 +148,18 @@ def state_tables(config: DEISConfig, grid: spacing.Grid, begin_index: int, dtype
         sigmas=grid.sigmas.astype(dtype),
         orders=t["orders"].astype(np.int32),
         weights=xp.take_along_axis(t["c"], lag, axis=1).astype(dtype),
-        **{k: t[k].astype(dtype) for k in ("alpha_t", "sigma_t", "a", "b")},
+        **{k: t[k].astype(dtype) for k in ("alpha_t", "sigma_t", "a", "b", "noise")},
     )
 
 
 @functools.lru_cache(maxsize=64)
 def _tables(config: DEISConfig, num_inference_steps: int, mu: float | None, begin_index: int, dtype: str,
-            grid_sigmas: tuple[float, ...] | None):
-    """Schedule and weights for (config, N, mu, begin_index, custom grid): computed once in float64 on the
+            grid_sigmas: tuple[float, ...] | None, eta: float):
+    """Schedule and weights for (config, N, mu, begin_index, custom grid, eta): computed once in float64 on the
     host, cast once to `dtype`, and cached as numpy (not jax arrays, so that a table built while tracing
     one transformation is never reused inside another)."""
-    return state_tables(config, spacing.grid(config, num_inference_steps, mu, grid_sigmas), begin_index, dtype)
+    return state_tables(config, spacing.grid(config, num_inference_steps, mu, grid_sigmas), begin_index, dtype,
+                        eta=eta)
 
 
 def _check_begin_index(config: DEISConfig, evaluations: int, begin_index: int) -> None:
@@ -168,6 +173,22 @@ def _check_begin_index(config: DEISConfig, evaluations: int, begin_index: int) -
 def _compute_dtype(dtype) -> jnp.dtype:
     """Solver arithmetic is at least float32 (bfloat16/float16 samples are updated in float32)."""
     return jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32)
+
+
+STOCHASTIC_SOLVER_TYPES = {"deis": ("logrho", "rhoab", "ipndm", "tab"), "data_prediction": ("logrho",)}
+
+
+def check_eta(config: DEISConfig, eta) -> float:
+    """eta, a Python number in [0, 1] (static: it shapes the tables); eta > 0 needs a multistep solver_type
+    (`STOCHASTIC_SOLVER_TYPES`: the data form's SDE weights are closed form for logrho only)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta={eta!r} is invalid: must be a Python number in [0, 1] (0: the probability-flow "
+                         "ODE, 1: the reverse SDE).")
+    allowed = STOCHASTIC_SOLVER_TYPES[config.algorithm_type]
+    if eta > 0 and config.solver_type not in allowed:
+        raise ValueError(f"eta={eta!r} is invalid with solver_type={config.solver_type!r} and algorithm_type="
+                         f"{config.algorithm_type!r}: stochastic sampling needs solver_type in {allowed}.")
+    return float(eta)
 
 
 def custom_grid(config: DEISConfig, num_inference_steps: int | None, sigmas=None, timesteps=None):
@@ -208,6 +229,7 @@ def set_timesteps(
     begin_index: int = 0,
     sigmas=None,
     timesteps=None,
+    eta: float = 0.0,
 ) -> DEISState:
     """A fresh state for `num_inference_steps` steps on samples of `shape` (and `dtype`).
 
@@ -216,7 +238,8 @@ def set_timesteps(
     A custom grid replaces the configured one: `sigmas`, N + 1 strictly decreasing noise levels
     in the state's `sigmas` convention (rho for VP, s for flow), the last may be 0; or `timesteps`,
     N strictly decreasing training timesteps (discrete VP schedules). `num_inference_steps`
-    must then be N or None.
+    must then be N or None. `eta` in [0, 1] makes the steps solve the reverse SDE with that noise
+    scale (`check_eta`); `step` then takes the fresh noise as `variance_noise`.
     """
     if not isinstance(config, DEISConfig):
         raise ValueError(f"config={config!r} is invalid: must be a DEISConfig.")
@@ -228,7 +251,8 @@ def set_timesteps(
     cdtype = _compute_dtype(dtype)
     if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)):
         raise ValueError(f"begin_index={begin_index!r} is invalid: must be an int.")
-    tables = _tables(config, n, mu, int(begin_index), cdtype.name, grid_sigmas)
+    eta = check_eta(config, eta)
+    tables = _tables(config, n, mu, int(begin_index), cdtype.name, grid_sigmas, eta)
     _check_begin_index(config, len(tables["timesteps"]), begin_index)
     return DEISState(
         config=config,
@@ -236,6 +260,7 @@ def set_timesteps(
         mu=mu,
         begin_index=int(begin_index),
         grid_sigmas=grid_sigmas,
+        eta=eta,
         step_index=jnp.asarray(begin_index, jnp.int32),
         model_outputs=jnp.zeros((config.solver_order, *shape), cdtype),
         **{k: jnp.asarray(v) for k, v in tables.items()},
@@ -243,11 +268,11 @@ def set_timesteps(
 
 
 def set_begin_index(state: DEISState, begin_index: int) -> DEISState:
-    """The same schedule (config, step count, `mu`, custom grid) started at step `begin_index`: warm-up
+    """The same schedule (config, step count, `mu`, custom grid, `eta`) started at step `begin_index`: warm-up
     restarts there, history is cleared."""
     return set_timesteps(
         state.config, state.requested_steps, state.model_outputs.shape[1:], state.mu,
-        dtype=state.model_outputs.dtype, begin_index=begin_index, sigmas=state.grid_sigmas,
+        dtype=state.model_outputs.dtype, begin_index=begin_index, sigmas=state.grid_sigmas, eta=state.eta,
     )
 
 
@@ -355,16 +380,24 @@ def with_sample_sharding(state: DEISState, sample: jax.Array) -> DEISState:
     return dataclasses.replace(state, model_outputs=_like_sample(state.model_outputs, sample))
 
 
-def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample: jax.Array):
+def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample: jax.Array,
+         variance_noise: jax.Array | None = None):
     """One DEIS step: returns (prev_sample, new_state). Pure and jit/scan-able.
 
-    x_{i+1} = a_i x_i + sum_slots weights[i, slot] history[slot] + b_i x0, the history holding eps (or x0
-    in the data form); b is 0 except on a zero-SNR start and on a final step to sigma = 0.
+    x_{i+1} = a_i x_i + sum_slots weights[i, slot] history[slot] + b_i x0 + noise_i z, the history holding eps
+    (or x0 in the data form); b is 0 except on a zero-SNR start and on a final step to sigma = 0. z is
+    `variance_noise`, standard normal of the sample's shape, required when the state has eta > 0 (and
+    ignored when eta = 0: the ODE step).
     The step index comes from `state.step_index`; `timestep` is accepted for diffusers'
     call signature and is not used to find it. The history and eps take the sample's
     sharding (see `with_sample_sharding`), so an explicitly sharded sample needs no other setup.
     """
     del timestep
+    if state.eta and (variance_noise is None or jnp.shape(variance_noise) != sample.shape):
+        got = "None" if variance_noise is None else f"shape {jnp.shape(variance_noise)}"
+        raise ValueError(f"variance_noise={got} is invalid: a state made with eta={state.eta} needs standard normal "
+                         f"noise of the sample's shape {sample.shape} at every step, e.g. "
+                         "jax.random.normal(jax.random.fold_in(key, i), sample.shape).")
     i = state.step_index
     x0, eps = _x0_and_eps(state, model_output, sample)
     m = x0 if state.config.predicts_data else eps
@@ -377,6 +410,8 @@ def step(state: DEISState, model_output: jax.Array, timestep: jax.Array, sample:
         prev = prev + w[slot] * history[slot]
     if _needs_x0(state):
         prev = prev + state.b[i] * x0
+    if state.eta:
+        prev = prev + state.noise[i] * _like_sample(jnp.asarray(variance_noise).astype(eps.dtype), sample)
     new_state = dataclasses.replace(state, step_index=i + 1, model_outputs=history)
     return prev.astype(sample.dtype), new_state
 

@@ -66,12 +66,14 @@ def diffusers_trajectory(kwargs: dict, n: int, x0: np.ndarray, mu=None, double=F
     return timesteps, sigmas, np.stack(out)
 
 
-def dpmsolver_trajectory(kwargs: dict, n: int | None, x0: np.ndarray, timesteps=None, sigma_table=None):
+def dpmsolver_trajectory(kwargs: dict, n: int | None, x0: np.ndarray, timesteps=None, sigma_table=None,
+                         noises=None):
     """(timesteps, sigmas, samples [N, *shape]) of diffusers' DPMSolverMultistepScheduler at solver_order=1.
 
     Its `step` casts the sample to float32. With `sigma_table` (float64, [N + 1]) the run is float64 on
     that table instead of its own (float32; equal up to float32 rounding), each step its order-1 `step`
     written out in diffusers' methods: `convert_model_output`, then `dpm_solver_first_order_update`.
+    `noises` ([N, *shape]): the SDE algorithm types' per-step `variance_noise`.
     """
     import torch
     from diffusers import DPMSolverMultistepScheduler
@@ -86,15 +88,16 @@ def dpmsolver_trajectory(kwargs: dict, n: int | None, x0: np.ndarray, timesteps=
     dtype = np.float64 if double else np.float32
     x = torch.from_numpy(x0.astype(dtype))
     out = []
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         m = torch.from_numpy(toy_model(x.numpy(), float(t), xp=np).astype(dtype))
+        z = None if noises is None else torch.from_numpy(np.asarray(noises[i], dtype))
         if double:
             if sched.step_index is None:
                 sched._init_step_index(t)
-            x = sched.dpm_solver_first_order_update(sched.convert_model_output(m, sample=x), sample=x)
+            x = sched.dpm_solver_first_order_update(sched.convert_model_output(m, sample=x), sample=x, noise=z)
             sched._step_index += 1
         else:
-            x = sched.step(m, t, x).prev_sample
+            x = sched.step(m, t, x, variance_noise=z).prev_sample
         out.append(x.numpy().copy())
     return out_timesteps, sigmas, np.stack(out)
 
