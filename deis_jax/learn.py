@@ -114,7 +114,7 @@ def grid_state(config: DEISConfig, sigmas: jax.Array, shape, dtype=jnp.float32) 
     cdtype = solver._compute_dtype(dtype)
     tables = solver.state_tables(config, spacing.Grid(times, sigmas, sigmas), 0, cdtype.name, xp=jnp)
     return solver.DEISState(
-        config=config, requested_steps=sigmas.shape[0] - 1, mu=None, begin_index=0, grid_sigmas=None,
+        config=config, requested_steps=sigmas.shape[0] - 1, mu=None, begin_index=0, grid_sigmas=None, eta=0.0,
         step_index=jnp.zeros((), jnp.int32), model_outputs=jnp.zeros((config.solver_order, *shape), cdtype),
         **{k: jnp.asarray(v) for k, v in tables.items()})
 

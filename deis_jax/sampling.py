@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +86,9 @@ def _check_key(state: DEISState, key) -> None:
 
 def _normal_like(key: jax.Array, x: jax.Array, dtype) -> jax.Array:
     """Standard normal noise of x's shape in `dtype`, drawn with x's sharding when that is explicit."""
-    spec = jax.typeof(x).sharding.spec
-    explicit = any(axis is not None for axis in spec)
-    return jax.random.normal(key, x.shape, dtype, out_sharding=spec if explicit else None)
+    sharding = jax.typeof(x).sharding
+    explicit = any(axis is not None for axis in sharding.spec)
+    return jax.random.normal(key, x.shape, dtype, out_sharding=sharding if explicit else None)
 
 
 def run_loop(
@@ -123,7 +124,8 @@ def run_loop(
         model_output = model_fn(scale_model_input(state, x, t), t)
         z = None
         if state.eta:
-            z = _normal_like(jax.random.fold_in(key, state.step_index), x, state.model_outputs.dtype)
+            z = _normal_like(jax.random.fold_in(cast(jax.Array, key), state.step_index), x,  # key checked above
+                             state.model_outputs.dtype)
         new_x, new_state = step(state, model_output, t, x, z)
         if update is not None:
             jax.debug.callback(update, state.step_index)

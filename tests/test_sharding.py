@@ -161,6 +161,17 @@ def check_finite_explicit():
         raise AssertionError("no NonFiniteError")
 
 
+@check
+def sde_meshes():
+    # Stochastic sampling: the per-step noise is drawn with the sample's sharding (threefry is partitionable:
+    # the same values as on one device), without communication.
+    kw = dict(eta=1.0, key=jax.random.key(5))
+    jit_on(auto, **kw)
+    jit_on(explicit, **kw)
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    jit_on(mesh, P("data", "model"), np.random.RandomState(1).randn(4, 6).astype(np.float32), **kw)
+
+
 def loop_of_step(step, z):
     state = dj.set_timesteps(CONFIG, N, z.shape)
     for t in state.timesteps:
@@ -222,6 +233,7 @@ print("RESULTS " + json.dumps(results))
 """
 
 CHECKS = ["pmap", "auto_mesh", "explicit_mesh", "explicit_mesh_two_axes", "set_mesh_context", "img2img_explicit",
+          "sde_meshes",
           "guidance_explicit", "check_finite_explicit", "python_loop_of_step", "python_loop_of_jitted_step",
           "user_scan_of_step", "user_scan_of_step_under_set_mesh"]
 

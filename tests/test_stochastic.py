@@ -114,10 +114,11 @@ def test_weights_equal_the_integrals_by_quadrature(form, order, eta):
         for j in range(k):
             ell = _lagrange(nodes, j)
             if data:
-                val, _ = integrate.quad(lambda r: ell(-np.log(r)) * r ** -(2 + e2), r1, r0, epsabs=0, epsrel=1e-13)
+                val, _ = integrate.quad(lambda r, ell=ell: ell(-np.log(r)) * r ** -(2 + e2), r1, r0,
+                                        epsabs=0, epsrel=1e-13)
                 expected = rate * alpha[i + 1] * r1**rate * val
             else:
-                val, _ = integrate.quad(lambda r: ell(np.log(r)), r0, r1, epsabs=0, epsrel=1e-13)
+                val, _ = integrate.quad(lambda r, ell=ell: ell(np.log(r)), r0, r1, epsabs=0, epsrel=1e-13)
                 expected = rate * alpha[i + 1] * val
             np.testing.assert_allclose(t["c"][i, j], expected, rtol=1e-9, err_msg=f"step {i} lag {j}")
         if data:
