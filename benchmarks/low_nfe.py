@@ -820,16 +820,19 @@ def targets_markdown(store: dict) -> list[str]:
     return lines
 
 
+def header_markdown(title: str, script: str, meta: dict, runs) -> list[str]:
+    """A results file's title, machine and versions, and a table of the runs (part, {command, date, wall})."""
+    return [title, "", f"Made by `{script}` (method in its docstring). Machine: {platform.platform()}, "
+            f"{os.cpu_count()} CPU cores shared with other work; {meta.get('versions', '')}.", "",
+            "| part | command | date | wall time |", "|---|---|---|---:|"] + [
+        f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |" for part, m in runs]
+
+
 def markdown(store: dict) -> str:
     meta = store.get("meta", {})
-    lines = ["# Few-step sampling: deis_jax hand and learned grids vs diffusers (NFE 3-20)", "",
-             f"Made by `benchmarks/low_nfe.py` (method in its docstring). Machine: {platform.platform()}, "
-             f"{os.cpu_count()} CPU cores shared with other work; {meta.get('versions', '')}.", "",
-             "| part | command | date | wall time |", "|---|---|---|---:|"]
-    for part in PARTS:
-        if part in meta.get("parts", {}):
-            for m in meta["parts"][part]:
-                lines.append(f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |")
+    runs = [(part, m) for part in PARTS for m in meta.get("parts", {}).get(part, [])]
+    lines = header_markdown("# Few-step sampling: deis_jax hand and learned grids vs diffusers (NFE 3-20)",
+                            "benchmarks/low_nfe.py", meta, runs)
     lines += [""] + targets_markdown(store)
     if "mixture" in store:
         lines += [""] + mixture_markdown(store["mixture"])

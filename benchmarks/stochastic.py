@@ -57,7 +57,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -406,14 +405,9 @@ def digits_markdown(dig: dict) -> list[str]:
 
 def markdown(store: dict) -> str:
     meta = store.get("meta", {})
-    lines = ["# Stochastic DEIS (eta-SDE family) vs diffusers' SDE DPM-Solver++(2M)", "",
-             f"Made by `benchmarks/stochastic.py` (method in its docstring). Machine: {platform.platform()}, "
-             f"{os.cpu_count()} CPU cores shared with other work; {meta.get('versions', '')}.", "",
-             "| part | command | date | wall time |", "|---|---|---|---:|"]
-    for part in PARTS:
-        if part in meta.get("parts", {}):
-            m = meta["parts"][part]
-            lines.append(f"| {part} | `{m['command']}` | {m['date']} | {m['wall']:.0f} s |")
+    runs = [(part, meta["parts"][part]) for part in PARTS if part in meta.get("parts", {})]
+    lines = low.header_markdown("# Stochastic DEIS (eta-SDE family) vs diffusers' SDE DPM-Solver++(2M)",
+                                "benchmarks/stochastic.py", meta, runs)
     lines += ["", "Reading the tables:",
               "- Mixture: the median-heuristic MMD sees the modes' weights and places; the component-scale MMD and "
               "the width ratio see the modes' widths. With final_sigmas_type=\"zero\" every sampler returns the "
