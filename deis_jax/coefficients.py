@@ -21,6 +21,8 @@ The other variants of the paper change only the integral (the weights):
   ipndm  DDIM weight times fixed Adams-Bashforth weights (55, -59, 37, -9)/24 and lower orders;
   rhork  Runge-Kutta in rho: several evaluations per step, each a row of the same tables.
 
+With eta > 0 the steps solve the reverse SDE instead: the same polynomials, exact noise (`stochastic`).
+
 The closed-form weight functions (logrho, rhoab, ipndm, rhork) take an array namespace `xp`:
 `build` calls them with numpy in float64 for a static grid (the caller casts the finished table
 once), and `build(..., xp=jax.numpy)` with a traced grid, one learned under `jax.grad`
