@@ -2,34 +2,37 @@
 
 The probability-flow ODE is solved in u = log kappa, kappa = `schedule.integration_variable(rho)` (rho in the
 noise form, 1 / rho in the data form), from the schedule's largest noise level to its smallest, with the
-log-rho DEIS multistep update of variable step: over a step kappa -> kappa', through the last k nodes,
+log-rho DEIS multistep update of variable step: over a step kappa -> kappa' through the last p nodes,
 
-    x_k' = a x + sum_{j<k} c_j m_j,   a = scale' / scale,   c_j = scale' * integral ell_j(log kappa) d kappa,
+    x_pred = a x + sum_{j<p} c_j m_j,   a = scale' / scale,   c_j = scale' * integral ell_j(log kappa) d kappa,
 
 m = eps (noise form, scale = alpha) or x0 (data form, scale = sigma), the weights the closed form of
-`coefficients.logrho_weights`. One model evaluation per accepted step: the new node's output joins a history
-of the last K = solver_order nodes (the order ramps up from 1).
+`coefficients.logrho_weights`; p ramps up from 1 to K = solver_order.
 
-Error estimate: est = x_k' - x_{k-1}' over the same step (orders k and k - 1 from the same history). The
-order-(k-1) update's local error is O(h^k) and the order-k one's O(h^(k+1)), so est is the lower order's
-local error to leading order; it costs no evaluation, so a rejected step costs none. The order-k value is
-propagated (local extrapolation): each accepted step's own error is below the estimate's, and over the
-N ~ tol^(-1/k) steps of a solve the global error is proportional to the tolerance.
+Predictor-corrector (UniPC's idea in DEIS's weights): the model is evaluated once at (x_pred, kappa'), and the
+corrector is the same update with the Lagrange polynomial through the new node and the p last ones (order
+p + 1, the weights of the step run backwards from kappa'):
+
+    x_corr = a x + c'_0 m_new + sum_{j<p} c'_{j+1} m_j.
+
+Error estimate (Milne's device): est = x_corr - x_pred, the predictor's local error O(h^(p+1)) to leading
+order. It sees the new evaluation, so a change of the model output ahead of the step is caught (an estimate
+from the history alone, orders p against p - 1, missed the steep part of the discrete cosine schedule by 14-17
+times the tolerance). An accepted step keeps x_corr (local extrapolation, order p + 1) and m_new joins the
+history (evaluated at x_pred, as in UniPC); a rejected step costs its evaluation. With local extrapolation the
+global error is proportional to the tolerance: order 2 lands within a factor 3 of it, order 3 (an order-4
+corrector) 3-10 times below it (tests/test_adaptive.py, benchmarks/adaptive.py).
 
 Norm: err = RMS over all elements of the sample (the whole batch: one step sequence) of
-est / (atol + rtol max(|x|, |x'|)); a step is accepted when err <= 1. No calibration factor: on the exact
-Gaussian mixture the achieved error is then within a factor 3 of the tolerance (tests/test_adaptive.py,
-benchmarks/adaptive.py).
+est / (atol + rtol max(|x|, |x_corr|)); a step is accepted when err <= 1 (and finite).
 
-Controller (diffrax's `PIDController`, a PI controller): h_next = h * clip(0.9 err^(-0.7/k) err_prev^(0.4/k),
-lo, hi), with err_prev the last accepted step's error; an accepted step gives [1, 10] (no growth, [1, 1],
-right after a rejection), a rejected one [0.2, 1]; a non-finite estimate is a rejection by 0.2.
+Controller (diffrax's `PIDController`, a PI controller): h_next = h * clip(0.9 err^(-0.7/q) err_prev^(0.4/q),
+lo, hi), q = p + 1, err_prev the last accepted step's error; after an accepted step [0.2, 10] (at most 1 right
+after a rejection), after a rejected one [0.2, 1]; a non-finite estimate shrinks by 0.2. MAX_REJECTIONS in a row
+stop the solve.
 
-The first step has a single node, so no estimate: it takes the order-1 (DDIM) step h_0 = sqrt(rtol) in u
-(log rho spans about 10 on the usual schedules), whose local error is of order h_0^2 |dm/du| ~ rtol |dm/du|,
-and m = eps or x0 hardly changes at the largest noise levels (benchmarks/adaptive.py: 0.1 sqrt(rtol) cost
-about 3 more evaluations at every tolerance for the same error); the controller grows the steps from there
-by up to 10x per step. A step that would leave less than a tenth of itself before the end goes to the end.
+The first step (p = 1: DDIM predictor, order-2 corrector) starts from h_0 = sqrt(rtol) in u (log rho spans about
+10 on the usual schedules); a step that would leave less than a tenth of itself before the end goes to the end.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from deis_jax.solver import _compute_dtype, check_shape, to_x0_eps
 SAFETY, PCOEFF, ICOEFF = 0.9, 0.4, 0.3  # diffrax's PIDController defaults for a PI controller
 FACTOR_MIN, FACTOR_MAX = 0.2, 10.0
 INITIAL_STEP = 1.0  # h_0 = INITIAL_STEP * sqrt(rtol), in u = log kappa
-MAX_REJECTIONS = 40  # consecutive rejections (the step shrunk by 0.2^40) stop the solve
+MAX_REJECTIONS = 10  # consecutive rejections (each an evaluation; the step shrunk by 0.2^10) stop the solve
 END_STRETCH = 1.1  # a step within 10% of the end goes to the end
 
 
@@ -64,8 +67,9 @@ END_STRETCH = 1.1  # a step within 10% of the end goes to the end
 class AdaptiveInfo:
     """What an adaptive solve did, a pytree (under `jax.vmap`, one per mapped call).
 
-    evaluations: int32, model calls made (accepted, plus one for the final x0 with final_sigmas_type="zero").
-    accepted, rejected: int32, steps taken and steps retried smaller (a rejection costs no evaluation).
+    evaluations: int32, model calls made: 1 (the start) + accepted + rejected (+ 1 for the final x0 with
+                 final_sigmas_type="zero").
+    accepted, rejected: int32, steps taken and steps retried smaller (each costs one evaluation).
     sigma_start, sigma_end: the noise levels (the `sigmas` convention: rho for VP, s for flow, sigma for VE)
                  where the solve started and ended: the schedule's range, sigma_end 0 with final_sigmas_type=
                  "zero"; larger than that when `max_evaluations` ran out (or MAX_REJECTIONS were reached).
@@ -129,6 +133,17 @@ def _lag_weights(config: DEISConfig, kappas, kappa_next, dtype):
     return jnp.stack(rows).astype(dtype)
 
 
+def _corrector_weights(config: DEISConfig, kappas, kappa_next, dtype):
+    """[K + 1, K + 1]: row q - 1 holds the order-q weights of (m_new, m_0, ..., m_{K-1}) for the step kappas[0] ->
+    kappa_next, the Lagrange basis through kappa_next, kappas[0], ...: `coefficients.logrho_weights` on the step
+    run backwards, kappa_next -> kappas[0], negated."""
+    order = config.solver_order
+    nodes = jnp.concatenate([kappas[::-1], kappa_next[None], kappas[:1]])
+    rows = [-coefficients.logrho_weights(nodes, np.array([1] * order + [q]), order + 1, jnp)[-1]
+            for q in range(1, order + 2)]
+    return jnp.stack(rows).astype(dtype)
+
+
 def sample_adaptive_from_noise(
     model_fn: ModelFn,
     noise: jax.Array,
@@ -171,65 +186,50 @@ def sample_adaptive_from_noise(
         x0, eps = to_x0_eps(config, out, x, alpha, sigma, s, config.predicts_data or to_zero)
         return x0, (x0 if config.predicts_data else eps)
 
-    def trial(x, history, kappas, accepted, dt):
-        """The step of size dt (clipped at the end): (x', kappa', err)."""
+    def step(carry):
+        x, history, kappas, nodes, dt, err_prev, evaluations, accepted, rejected, sigmas, fails = carry
+        p = jnp.minimum(nodes, order)  # the predictor's order; the corrector's is p + 1
         remaining = jnp.abs(jnp.log(kappa_end) - jnp.log(kappas[0]))
         last = END_STRETCH * dt >= remaining  # no sliver of a step left at the end
+        taken = jnp.where(last, remaining, dt)
         kappa_next = jnp.where(last, kappa_end, kappas[0] * jnp.exp(direction * dt))
         scale, scale_next = scale_of(sigma_of(kappas[0])), scale_of(sigma_of(kappa_next))
-        weights = scale_next * _lag_weights(config, kappas, kappa_next, dtype)  # [order, lag]
-        k = jnp.minimum(accepted + 1, order)  # nodes in the history
-        lag_of_slot = (accepted - jnp.arange(order)) % order  # slot of node n: n % order
-        w_hi, w_lo = weights[k - 1][lag_of_slot], jnp.where(k > 1, weights[k - 2], 0.0)[lag_of_slot]
-        x_next = (scale_next / scale) * x
-        est = jnp.zeros_like(x)
-        for q in range(order):
-            x_next = x_next + w_hi[q] * history[q]
-            est = est + (w_hi[q] - w_lo[q]) * history[q]
-        ratio = est / (atol + rtol * jnp.maximum(jnp.abs(x), jnp.abs(x_next)))
+        w = scale_next * _lag_weights(config, kappas, kappa_next, dtype)[p - 1]  # [K], by lag
+        x_pred = (scale_next / scale) * x
+        for j in range(order):
+            x_pred = x_pred + w[j] * history[j]
+        _, m_new = evaluate(x_pred, kappa_next)
+        wc = scale_next * _corrector_weights(config, kappas, kappa_next, dtype)[p]  # order p + 1, [K + 1]
+        x_corr = (scale_next / scale) * x + wc[0] * m_new
+        for j in range(order):
+            x_corr = x_corr + wc[j + 1] * history[j]
+        ratio = (x_corr - x_pred) / (atol + rtol * jnp.maximum(jnp.abs(x), jnp.abs(x_corr)))
         err = jnp.sqrt(jnp.mean(ratio * ratio))
-        return x_next, kappa_next, jnp.where(k > 1, err, 0.0), jnp.where(last, remaining, dt)
-
-    def step(carry):
-        x, history, kappas, dt, err_prev, evaluations, accepted, rejected, sigmas, stalled = carry
-        _, m = evaluate(x, kappas[0])
-        history = jax.lax.dynamic_update_index_in_dim(history, m, accepted % order, 0)
-        k = jnp.minimum(accepted + 1, order).astype(dtype)
-
-        def retry(inner):
-            dt, tries, _, _, _, _ = inner
-            x_next, kappa_next, err, taken = trial(x, history, kappas, accepted, dt)
-            finite = jnp.isfinite(err)
-            ok = finite & (err <= 1.0)
-            e = jnp.maximum(err, 1e-10)
-            pi = SAFETY * e ** (-(PCOEFF + ICOEFF) / k) * err_prev ** (PCOEFF / k)
-            factor = jnp.where(ok, jnp.clip(pi, 1.0, jnp.where(tries > 0, 1.0, FACTOR_MAX)),
-                               jnp.where(finite, jnp.clip(pi, FACTOR_MIN, 1.0), FACTOR_MIN))
-            factor = jnp.where(k > 1, factor, 1.0)  # the first step has no estimate: keep h_0
-            return taken * factor, tries + 1, ok, x_next, kappa_next, e
-
-        init = (dt, jnp.int32(0), jnp.bool_(False), x, kappas[0], err_prev)
-        dt, tries, ok, x_next, kappa_next, err = jax.lax.while_loop(
-            lambda inner: ~inner[2] & (inner[1] < MAX_REJECTIONS), retry, init)
-        rejected = rejected + tries - ok.astype(jnp.int32)
-        x = jnp.where(ok, x_next, x)
-        kappas = jnp.where(ok, jnp.concatenate([kappa_next[None], kappas[:-1]]), kappas)
-        sigmas = jnp.where(ok, sigmas.at[accepted + 1].set(sigma_of(kappa_next)), sigmas)
-        err_prev = jnp.where(ok & (accepted > 0), err, err_prev)
-        return (x, history, kappas, dt, err_prev, evaluations + 1, accepted + ok.astype(jnp.int32), rejected,
-                sigmas, ~ok)
+        ok = jnp.isfinite(err) & (err <= 1.0)
+        q = (p + 1).astype(dtype)
+        e = jnp.maximum(err, 1e-10)
+        pi = SAFETY * e ** (-(PCOEFF + ICOEFF) / q) * err_prev ** (PCOEFF / q)
+        factor = jnp.where(ok, jnp.clip(pi, FACTOR_MIN, jnp.where(fails > 0, 1.0, FACTOR_MAX)),
+                           jnp.where(jnp.isfinite(err), jnp.clip(pi, FACTOR_MIN, 1.0), FACTOR_MIN))
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        return (keep(x_corr, x), keep(jnp.concatenate([m_new[None], history[:-1]]), history),
+                keep(jnp.concatenate([kappa_next[None], kappas[:-1]]), kappas), nodes + ok.astype(jnp.int32),
+                taken * factor, keep(e, err_prev), evaluations + 1, accepted + ok.astype(jnp.int32),
+                rejected + (~ok).astype(jnp.int32), keep(sigmas.at[accepted + 1].set(sigma_of(kappa_next)), sigmas),
+                jnp.where(ok, 0, fails + 1))
 
     def running(carry):
-        kappas, evaluations, stalled = carry[2], carry[5], carry[9]
-        return (kappas[0] != kappa_end) & (evaluations < max_evaluations - to_zero) & ~stalled
+        kappas, evaluations, fails = carry[2], carry[6], carry[10]
+        return (kappas[0] != kappa_end) & (evaluations < max_evaluations - to_zero) & (fails < MAX_REJECTIONS)
 
     init_sigma = s_start if config.is_ve else 1.0
     x = (noise * init_sigma).astype(noise.dtype).astype(dtype)
     kappas = kappa_start * jnp.exp(-direction * jnp.arange(order, dtype=dtype))  # distinct nodes before the start
+    history = jnp.zeros((order, *x.shape), dtype).at[0].set(evaluate(x, kappa_start)[1])
     sigmas = jnp.full((max_evaluations + 1,), jnp.nan, dtype).at[0].set(s_start)
-    carry = (x, jnp.zeros((order, *x.shape), dtype), kappas, jnp.asarray(INITIAL_STEP * math.sqrt(rtol), dtype),
-             jnp.asarray(1.0, dtype), jnp.int32(0), jnp.int32(0), jnp.int32(0), sigmas, jnp.bool_(False))
-    x, _, kappas, _, _, evaluations, accepted, rejected, sigmas, _ = jax.lax.while_loop(running, step, carry)
+    carry = (x, history, kappas, jnp.int32(1), jnp.asarray(INITIAL_STEP * math.sqrt(rtol), dtype),
+             jnp.asarray(1.0, dtype), jnp.int32(1), jnp.int32(0), jnp.int32(0), sigmas, jnp.int32(0))
+    x, _, kappas, _, _, _, evaluations, accepted, rejected, sigmas, _ = jax.lax.while_loop(running, step, carry)
     at_end = kappas[0] == kappa_end
     sigma_end = sigma_of(kappas[0])
     if to_zero:

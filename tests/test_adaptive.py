@@ -61,19 +61,36 @@ def mixture():
     return problem, problem.model_for(BASE)
 
 
-@pytest.mark.parametrize("order,rtol", [(2, 1e-2), (2, 1e-4), (3, 1e-2), (3, 1e-3), (3, 1e-4), (3, 1e-5)])
-def test_achieved_error_is_the_tolerance_on_a_mixture(mixture, order, rtol):
-    """float64, exact model: the error against scipy's DOP853 solution (rtol 1e-10), in the controller's norm,
-    is within a factor 3 of 1 (the tolerance), with atol = 1e-3 rtol."""
+@pytest.mark.parametrize("form", dj.ALGORITHM_TYPES)
+@pytest.mark.parametrize("order,rtol", [(2, 1e-2), (2, 1e-3), (2, 1e-4), (2, 1e-5), (3, 1e-2), (3, 1e-5)])
+def test_achieved_error_tracks_the_tolerance_on_a_mixture(mixture, order, rtol, form):
+    """float64, exact model: the error against scipy's DOP853 solution (rtol 1e-10), in the controller's norm
+    (1 = the tolerance; atol = 1e-3 rtol), is within a factor 3 of it at order 2 (the default). Order 3 propagates
+    an order-4 corrector while the estimate is its order-3 predictor's error: it lands 3-10 times below the
+    tolerance (README), never above it."""
     problem, model = mixture
     atol = 1e-3 * rtol
     with jax.enable_x64(True):
         x, info = dj.sample_adaptive_from_noise(model, jnp.asarray(problem.x_T), config=dj.DEISConfig(
-            solver_order=order), rtol=rtol, atol=atol, max_evaluations=1000)
+            solver_order=order, algorithm_type=form), rtol=rtol, atol=atol, max_evaluations=1000)
     assert float(info.sigma_end) == spacing.sigma_range(BASE)[0]  # reached the end
     exact = problem.exact(float(info.sigma_start), float(info.sigma_end))
     achieved = tolerance_norm(x, exact, rtol, atol)
-    assert 1 / 3 <= achieved <= 3, (achieved, int(info.evaluations))
+    assert (1 / 3 if order == 2 else 1 / 20) <= achieved <= 3, (achieved, int(info.evaluations))
+
+
+def test_a_cosine_schedule_tracks_the_tolerance():
+    """The discrete cosine schedule starts at log rho 9.9, where the model output barely moves: an estimate from the
+    history alone saw nothing ahead and jumped across the change (14-17x the tolerance); the corrector's uses the
+    new evaluation. Exact Gaussian flow as the reference, atol = rtol."""
+    config = dj.DEISConfig(beta_schedule="squaredcos_cap_v2", solver_order=3)
+    noise = noise_of((16, 8))
+    for rtol in (1e-2, 1e-3, 1e-4):
+        with jax.enable_x64(True):
+            x, info = dj.sample_adaptive_from_noise(gaussian_model(config), jnp.asarray(noise), config=config,
+                                                    rtol=rtol, atol=rtol, max_evaluations=1000)
+        exact = gaussian_exact(config, noise, float(info.sigma_start), float(info.sigma_end))
+        assert tolerance_norm(x, exact, rtol, rtol) <= 3, rtol
 
 
 def noise_of(shape=(8, 4), seed=0, dtype=np.float64):
@@ -109,13 +126,22 @@ def test_every_schedule_reaches_the_tolerance(name, zero):
 
 @pytest.mark.parametrize("zero", [False, True])
 def test_info_counts_and_grid(zero):
-    """evaluations = accepted (+1 for the final x0); the grid: sigma_start, the accepted levels strictly decreasing,
-    sigma_end, then NaN; reused as a fixed custom grid it samples."""
+    """evaluations = the model calls made (counted by a host callback) = 1 + accepted + rejected (+1 for the final
+    x0); the grid: sigma_start, the accepted levels strictly decreasing, sigma_end, then NaN; reused as a fixed
+    custom grid it samples."""
     config = dj.DEISConfig(final_sigmas_type="zero") if zero else BASE
-    x, info = dj.sample_adaptive_from_noise(gaussian_model(config), jnp.asarray(noise_of(dtype=np.float32)),
+    calls = []
+    model = gaussian_model(config)
+
+    def counted(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return model(x, t)
+
+    x, info = dj.sample_adaptive_from_noise(counted, jnp.asarray(noise_of(dtype=np.float32)),
                                             config=config, rtol=1e-3, atol=1e-3, max_evaluations=60)
+    jax.effects_barrier()
     lo, hi = spacing.sigma_range(BASE)
-    assert int(info.evaluations) == int(info.accepted) + zero
+    assert int(info.evaluations) == len(calls) == 1 + int(info.accepted) + int(info.rejected) + zero
     assert int(info.rejected) >= 0
     assert float(info.sigma_start) == pytest.approx(hi, rel=1e-6)
     assert float(info.sigma_end) == (0.0 if zero else pytest.approx(lo, rel=1e-6))
@@ -130,9 +156,10 @@ def test_info_counts_and_grid(zero):
 def test_max_evaluations_stops_early():
     x, info = dj.sample_adaptive_from_noise(gaussian_model(BASE), jnp.asarray(noise_of(dtype=np.float32)),
                                             rtol=1e-5, atol=1e-5, max_evaluations=6)
-    assert int(info.evaluations) == int(info.accepted) == 6
+    assert int(info.evaluations) == 6 == 1 + int(info.accepted) + int(info.rejected)
     assert float(info.sigma_end) > spacing.sigma_range(BASE)[0]
-    assert float(info.sigmas[6]) == float(info.sigma_end) and np.isnan(np.asarray(info.sigmas[7:])).all()
+    n = int(info.accepted)
+    assert float(info.sigmas[n]) == float(info.sigma_end) and np.isnan(np.asarray(info.sigmas[n + 1:])).all()
     assert np.isfinite(np.asarray(x)).all()
 
 
@@ -152,7 +179,7 @@ def test_jit_vmap_and_a_shared_step_sequence():
     # A batch steps together: one norm over the batch, so a sample repeated gives the single-sample solve.
     xd, infod = run(jnp.concatenate([noise[:1], noise[:1]]))
     np.testing.assert_allclose(np.asarray(xd), np.asarray(xv[0, :1]).repeat(2, 0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(infod.sigmas), np.asarray(infov.sigmas[0]), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(infod.sigmas), np.asarray(infov.sigmas[0]), rtol=1e-3)  # float32 norms
     assert info.sigmas.shape == (41,)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import deis_jax as dj
-from deis_jax import adaptive, schedule, spacing
+from deis_jax import schedule
 from helpers import GAUSS_MEAN, GAUSS_STD
 from test_adaptive import gaussian_model
 
@@ -63,8 +63,9 @@ def test_sde_output_law_on_ve_and_flow_schedules(kwargs, form, order):
 
 
 def test_adaptive_stops_on_a_model_that_returns_nan():
-    """A model whose output turns NaN part-way (t < 500): every retry of the step from there is non-finite, so after
-    MAX_REJECTIONS the solve stops (no hang) and says where: sigma_end, above the schedule's end."""
+    """A model whose output turns NaN part-way (t < 500): no step onto a NaN output is accepted (its error estimate
+    is non-finite), so the solve creeps up to t = 500's level until max_evaluations runs out (no hang) and says
+    where: a finite sample at sigma_end, just above that level and far above the schedule's end."""
     config = dj.DEISConfig()
     exact = gaussian_model(config)
 
@@ -73,6 +74,6 @@ def test_adaptive_stops_on_a_model_that_returns_nan():
 
     x, info = jax.jit(lambda n: dj.sample_adaptive_from_noise(model, n, config=config, max_evaluations=50))(
         jnp.ones((2, 3)))
-    assert int(info.evaluations) < 50 and int(info.rejected) >= adaptive.MAX_REJECTIONS
-    # It stops at the first level where the model is NaN: below t = 500's level, far above the schedule's end.
-    assert spacing.sigma_range(config)[0] * 10 < float(info.sigma_end) < float(schedule.rho_at(config, 500.0))
+    assert int(info.evaluations) == 50 and int(info.rejected) > 0 and np.isfinite(np.asarray(x)).all()
+    boundary = float(schedule.rho_at(config, 500.0))
+    assert boundary <= float(info.sigma_end) < 1.2 * boundary
