@@ -45,20 +45,21 @@ ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12)
 GAUSS_LEGENDRE_NODES = 16
 
 
-def static_orders(config: DEISConfig, n: int, begin_index: int) -> np.ndarray:
+def static_orders(config: DEISConfig, n: int, begin_index: int, stochastic: bool = False) -> np.ndarray:
     """k_i before looking at the grid's values: int array [N].
 
     k_i = min(solver_order, steps taken since begin_index + 1), lowered to 1 and 2 on the
-    last two steps when `lower_order_final` and N < 15.
+    last two steps when `lower_order_final` and N < 15 (diffusers' rule), or at any N for the SDE
+    (`stochastic`: extrapolating its noisy outputs over the widest, last steps diverges otherwise).
     """
     k = np.minimum(config.solver_order, np.maximum(np.arange(n) - begin_index, 0) + 1)
-    if config.lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
+    if config.lower_order_final and (n < LOWER_ORDER_FINAL_BELOW or stochastic):
         k[-1] = 1
         k[-2:] = np.minimum(k[-2:], 2)
     return k
 
 
-def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -> np.ndarray:
+def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int, stochastic: bool = False) -> np.ndarray:
     """k_i, the number of past outputs step i uses: int array [N].
 
     `static_orders`, lowered further so that the interpolation nodes sigma_i, sigma_{i-1}, ... are
@@ -67,7 +68,7 @@ def effective_orders(config: DEISConfig, sigmas: np.ndarray, begin_index: int) -
     kappa = 1/rho = 0 there).
     """
     n = len(sigmas) - 1
-    k = static_orders(config, n, begin_index)
+    k = static_orders(config, n, begin_index, stochastic)
     keeps_inf = config.solver_type == "ipndm" or (config.solver_type == "rhoab" and config.predicts_data)
     for i in range(n):
         for j in range(1, k[i]):
@@ -239,8 +240,8 @@ def build(config: DEISConfig, grid: spacing.Grid, begin_index: int, xp: ModuleTy
         orders = np.full(len(grid.timesteps), config.solver_order)
         integrals = runge_kutta_weights(kappa, config.solver_order, xp)
     else:
-        orders = (static_orders(config, len(grid.timesteps), begin_index) if traced
-                  else effective_orders(config, np.asarray(grid.sigmas), begin_index))
+        orders = (static_orders(config, len(grid.timesteps), begin_index, bool(eta)) if traced
+                  else effective_orders(config, np.asarray(grid.sigmas), begin_index, bool(eta)))
         if config.solver_type == "tab":
             integrals = tab_weights(config, kappa, orders[: len(kappa) - 1])
         else:

@@ -60,6 +60,7 @@ def test_order_one_eta_one_equals_sde_dpmsolver(prediction_type, grid, form, fin
     """At order 1 and eta = 1 each form is the exact first-order scheme of the reverse SDE, as DPM-Solver's SDE
     variants are: the noise form is `sde-dpmsolver`, the data form `sde-dpmsolver++`, given the same noise
     (diffusers supports final_sigmas_type='zero' only with the ++ variant)."""
+    pytest.importorskip("diffusers")
     kwargs = dict(solver_order=1, prediction_type=prediction_type, final_sigmas_type=final, **GRIDS[grid])
     x0 = initial_noise(SHAPE)
     # One Karras step to sigma_min: diffusers' DEIS (our parity target) repeats sigma_max, DPM-Solver does not.
@@ -172,6 +173,17 @@ def test_output_law_converges_and_improves_with_order(eta):
         assert w2[k, 20] > w2[k, 40] > w2[k, 80], {n: w2[k, n] for n in (20, 40, 80)}
     for n in (20, 40):
         assert w2[1, n] > w2[2, n] > w2[3, n], {k: w2[k, n] for k in (1, 2, 3)}
+
+
+def test_sde_lowers_the_order_of_the_last_steps_at_any_step_count():
+    """diffusers' lower_order_final acts below 15 steps; for the SDE it acts at any N: extrapolating the noisy x0 of
+    an SDE path with order 3 across the wide last linspace step (rho 0.18 -> 0.01 at N = 20) diverges (exact
+    Gaussian law: W2 > 1), with orders ..., 2, 1 at the end it converges. The ODE keeps diffusers' rule."""
+    config = dj.DEISConfig(solver_order=3, algorithm_type="data_prediction")
+    assert np.asarray(dj.set_timesteps(config, 20, (1,), eta=1.0).orders)[-3:].tolist() == [3, 2, 1]
+    assert np.asarray(dj.set_timesteps(config, 20, (1,)).orders)[-3:].tolist() == [3, 3, 3]
+    assert _w2_to_marginal(config, 20, 1.0) < 0.05
+    assert _w2_to_marginal(dataclasses.replace(config, lower_order_final=False), 20, 1.0) > 1.0
 
 
 def _mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
