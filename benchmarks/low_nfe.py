@@ -693,7 +693,7 @@ def selection_markdown(selection: list[dict], score: str) -> list[str]:
 
 def mixture_markdown(mix: dict) -> list[str]:
     nfes = mix["nfes"]
-    head = "| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---:|" * len(nfes)
+    head = nfe_head("row", nfes)
     lines = ["## Gaussian mixture: error against the exact ODE solution at sigma = 0 (held-out noise)", "",
              f"Mixture {mix['problem']}; hand grids selected on the training noise (seed {mix['train_seed']}), "
              f"everything below on the held-out noise (seed {mix['test_seed']}), float64. Mean relative error "
@@ -735,7 +735,7 @@ def mixture_markdown(mix: dict) -> list[str]:
 
 def digits_markdown(dig: dict, select: dict, learned: dict | None) -> list[str]:
     nfes, refs = dig["nfes"], dig["refs"]
-    head = "| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---:|" * len(nfes)
+    head = nfe_head("row", nfes)
     lines = ["## Digits: FID (± bootstrap std)", "",
              f"{dig['num_samples']} samples per cell from held-out noise (digits_fid.initial_noise({dig['seed']})), "
              f"FID as in benchmarks/digits_fid.py, ± the std of {dig['bootstrap']} bootstrap resamples of the "
@@ -818,6 +818,11 @@ def targets_markdown(store: dict) -> list[str]:
         elif not l5:
             lines.append("* Digits learned NFE 5 vs hand NFE 8: not measured (no learned digits grid in this run).")
     return lines
+
+
+def nfe_head(label: str, nfes) -> str:
+    """A markdown table head: `label`, then one right-aligned column per NFE."""
+    return f"| {label} | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---:|" * len(nfes)
 
 
 def header_markdown(title: str, script: str, meta: dict, runs) -> list[str]:

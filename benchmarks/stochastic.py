@@ -354,7 +354,7 @@ def fmt_stat(c: dict, stat: str, scale: float = 1.0) -> str:
 
 def mixture_markdown(mix: dict) -> list[str]:
     nfes, floor = mix["nfes"], mix["floor"]
-    head = "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---:|" * len(nfes)
+    head = low.nfe_head("sampler", nfes)
     p = mix["problem"]
     lines = ["## Gaussian mixture: distance of the samples to the exact distribution", "",
              f"Mixture of accuracy.py ({p['components']} components in {p['dim']} dims, seed {p['seed']}), exact "
@@ -380,7 +380,7 @@ def mixture_markdown(mix: dict) -> list[str]:
 
 def digits_markdown(dig: dict) -> list[str]:
     nfes = dig["nfes"]
-    head = "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---:|" * len(nfes)
+    head = low.nfe_head("sampler", nfes)
     lines = ["## Digits: FID (± bootstrap std)", "",
              f"{dig['num_samples']} samples per cell from digits_fid.initial_noise({dig['seed']}) (the same x_T for "
              f"every row), FID as in benchmarks/low_nfe.py, ± the std of {dig['bootstrap']} bootstrap resamples. "

@@ -93,7 +93,7 @@ def _check(config: DEISConfig, rtol, atol, max_evaluations) -> tuple[float, floa
                          "must be 'logrho' (its weights are closed form for any step).")
     if config.solver_order < 2:
         raise ValueError(f"DEISConfig.solver_order={config.solver_order!r} is invalid for the adaptive sampler: "
-                         "must be 2 or 3 (the error estimate compares orders k and k - 1).")
+                         "must be 2 or 3 (the predictor's order; the corrector's is one more).")
     if schedule.zero_terminal_snr(config):
         raise ValueError("DEISConfig.trained_betas is invalid for the adaptive sampler: a zero-terminal-SNR "
                          "schedule (last beta = 1, sample/v prediction) starts at rho = inf; use `sample`.")
@@ -195,12 +195,13 @@ def sample_adaptive_from_noise(
         kappa_next = jnp.where(last, kappa_end, kappas[0] * jnp.exp(direction * dt))
         scale, scale_next = scale_of(sigma_of(kappas[0])), scale_of(sigma_of(kappa_next))
         w = scale_next * _lag_weights(config, kappas, kappa_next, dtype)[p - 1]  # [K], by lag
-        x_pred = (scale_next / scale) * x
+        x_scaled = (scale_next / scale) * x
+        x_pred = x_scaled
         for j in range(order):
             x_pred = x_pred + w[j] * history[j]
         _, m_new = evaluate(x_pred, kappa_next)
         wc = scale_next * _corrector_weights(config, kappas, kappa_next, dtype)[p]  # order p + 1, [K + 1]
-        x_corr = (scale_next / scale) * x + wc[0] * m_new
+        x_corr = x_scaled + wc[0] * m_new
         for j in range(order):
             x_corr = x_corr + wc[j + 1] * history[j]
         ratio = (x_corr - x_pred) / (atol + rtol * jnp.maximum(jnp.abs(x), jnp.abs(x_corr)))
@@ -233,7 +234,7 @@ def sample_adaptive_from_noise(
     at_end = kappas[0] == kappa_end
     sigma_end = sigma_of(kappas[0])
     if to_zero:
-        x = jnp.where(at_end, jax.lax.cond(at_end, lambda: evaluate(x, kappas[0])[0], lambda: x), x)
+        x = jax.lax.cond(at_end, lambda: evaluate(x, kappas[0])[0], lambda: x)
         sigmas = jnp.where(at_end, sigmas.at[accepted + 1].set(0.0), sigmas)
         evaluations = evaluations + at_end.astype(jnp.int32)
         sigma_end = jnp.where(at_end, 0.0, sigma_end)

@@ -292,6 +292,6 @@ def stochastic(config: DEISConfig, eta: float, kappa, alpha, sigma, a, c, xp: Mo
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if not config.predicts_data:
             return a, rate * c, alpha[1:] * eta * xp.sqrt((kappa[:-1] - kappa[1:]) * (kappa[:-1] + kappa[1:]))
-        decay = (kappa[:-1] / kappa[1:]) ** eta2  # e^(-eta^2 h)
-        return (a * decay, rate * kappa[1:, None] ** -eta2 * c,
-                sigma[1:] * xp.sqrt(-xp.expm1(2.0 * eta2 * xp.log(kappa[:-1] / kappa[1:]))))
+        minus_h = xp.log(kappa[:-1] / kappa[1:])  # -inf from rho = inf (kappa = 0)
+        return (a * xp.exp(eta2 * minus_h), rate * kappa[1:, None] ** -eta2 * c,
+                sigma[1:] * xp.sqrt(-xp.expm1(2.0 * eta2 * minus_h)))
