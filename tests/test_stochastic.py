@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from scipy import integrate
 
 import deis_jax as dj
@@ -376,3 +377,65 @@ def test_missing_noise_or_key_is_a_clear_error():
         dj.img2img(model, x, x, strength=0.5, config=config, num_inference_steps=4, eta=1.0)
     with pytest.raises(ValueError, match=r"key=None is invalid with eta=1\.0"):
         dj.run_loop(model, x, state)
+
+
+# ----------------------------------------------------------------------------- options crossed with eta
+
+@st.composite
+def _sde_cases(draw) -> dict:
+    """A valid config with eta > 0 where the options meet: schedule kind, prediction type, form, every solver type
+    the form allows, order, final step, grid (spacing, sigma grid, a custom one), thresholding, begin index,
+    dtype and call style."""
+    form = draw(st.sampled_from(dj.ALGORITHM_TYPES))
+    solver = draw(st.sampled_from(dj.solver.STOCHASTIC_SOLVER_TYPES[form]))
+    kw = dict(algorithm_type=form, solver_type=solver, solver_order=draw(st.integers(1, 3)),
+              final_sigmas_type=draw(st.sampled_from(dj.FINAL_SIGMAS_TYPES)),
+              lower_order_final=draw(st.booleans()), thresholding=draw(st.booleans()))
+    kind = draw(st.sampled_from(["discrete", "continuous", "flow"]))
+    if kind == "flow":
+        kw.update(use_flow_sigmas=True, flow_shift=draw(st.sampled_from([1.0, 3.0])), prediction_type="flow_prediction")
+    else:
+        kw["prediction_type"] = draw(st.sampled_from(["epsilon", "sample", "v_prediction"]))
+        if kind == "continuous":
+            kw["time_schedule"] = draw(st.sampled_from(["vp_linear", "vp_cosine"]))
+        grid = draw(st.sampled_from(["linspace", "trailing", "use_karras_sigmas", "use_exponential_sigmas"]))
+        kw.update({grid: True} if grid.startswith("use_") else {"timestep_spacing": grid})
+    n = draw(st.integers(1, 12))
+    return dict(config=dj.DEISConfig(**kw), n=n, eta=draw(st.sampled_from([0.25, 1.0])),
+                custom=draw(st.booleans()), begin=draw(st.integers(0, n - 1)),
+                dtype=draw(st.sampled_from(["float32", "float16"])), jit=draw(st.booleans()))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(case=_sde_cases())
+def test_sde_across_options(case):
+    """Any valid mix of options with eta > 0: the samples are finite, the state keeps eta and a noise std that is
+    0 exactly where a step ends at sigma = 0 or has zero length (diffusers' repeated last sigma), a jitted call
+    equals the eager one, and a custom grid of the named grid's own levels gives the named grid's samples."""
+    from test_properties import _model
+
+    config, n, eta, dtype = case["config"], case["n"], case["eta"], case["dtype"]
+    state = dj.set_timesteps(config, n, (2, 3), dtype=dtype, eta=eta)
+    noise_std = np.asarray(state.noise, np.float64)
+    assert state.eta == eta and np.isfinite(noise_std).all() and (noise_std >= 0).all()
+    sig = np.asarray(state.sigmas, np.float64)
+    np.testing.assert_array_equal(noise_std == 0, (sig[1:] == 0) | (sig[1:] == sig[:-1]))  # to 0, or zero length
+    grid = {"sigmas": spacing.grid(config, n).step_sigmas} if case["custom"] and config.solver_type != "tab" else {}
+    if grid and np.any(np.diff(grid["sigmas"]) >= 0):  # diffusers' zero-length last step: not a custom grid
+        grid = {}
+    begin = case["begin"] if not grid else 0
+    noise = jnp.asarray(np.random.RandomState(0).randn(2, 3), dtype)
+    key = jax.random.key(1)
+    model = _model(config)
+
+    def run(z, k, **g):
+        return dj.sample_from_noise(model, z, config=config, num_inference_steps=None if g else n, begin_index=begin,
+                                    eta=eta, key=k, **g)
+
+    out = np.asarray(run(noise, key), np.float32)
+    assert np.isfinite(out).all(), out
+    if case["jit"]:
+        np.testing.assert_allclose(np.asarray(jax.jit(run)(noise, key), np.float32), out,
+                                   rtol=1e-2 if dtype == "float16" else 1e-5, atol=1e-2 if dtype == "float16" else 1e-5)
+    if grid:
+        np.testing.assert_allclose(np.asarray(run(noise, key, **grid), np.float32), out, rtol=1e-4, atol=1e-4)
